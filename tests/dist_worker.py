@@ -1,0 +1,47 @@
+"""Run under `torchrun --nproc_per_node=N tests/dist_worker.py OUT.pt [--multi-positive]`: each rank takes its
+slice of one fixed global batch, runs a DDP step's forward and backward, and rank 0 saves the mean loss and
+the (DDP-averaged) gradients. test_distributed.py compares them with one process on the whole batch."""
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import cleft
+from conftest import tiny_model
+
+
+def global_batch(size=8):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(size, 3, 112, 112, generator=g)
+    captions = [cleft.CAPTION_PREFIX + name for name in ["edema", "cardiomegaly", "edema", "no finding",
+                                                          "atelectasis", "edema", "no finding", "pleural effusion"]]
+    return images, captions[:size]
+
+
+def loss_and_grads(model, images, captions, multi_positive):
+    """One training step's loss and gradients for this rank's pairs (the same code as cleft.main)."""
+    raw = model.module if isinstance(model, DistributedDataParallel) else model
+    with torch.no_grad():  # LoRA B starts at zero; make every trainable tensor matter
+        for p in raw.text_tower.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    image_features, text_features = model(images, captions)
+    ids = cleft.caption_ids(captions, "cpu") if multi_positive else None
+    loss = cleft.contrastive_loss(image_features, text_features, raw.logit_scale, ids)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in raw.named_parameters() if p.requires_grad}
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = DistributedDataParallel(tiny_model())
+    images, captions = global_batch()
+    per_rank = len(captions) // world_size
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    loss, grads = loss_and_grads(model, images[mine], captions[mine], "--multi-positive" in sys.argv)
+    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads}, sys.argv[1])
+    dist.destroy_process_group()

@@ -1,0 +1,144 @@
+"""CheXpert parsing (captions, frontal filter, uncertain/blank labels, patient split, 5x200 rule and
+exclusion), the pairs CSV, image loading, unreadable images, and the samplers."""
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cleft
+
+
+def row(**labels):
+    """A CheXpert train.csv row with the given labels (others blank)."""
+    base = {c: "" for c in cleft.CHEXPERT_COLUMNS}
+    base.update({"Path": "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", "Frontal/Lateral": "Frontal"})
+    base.update({name.replace("_", " "): value for name, value in labels.items()})
+    return base
+
+
+def test_caption_uses_positive_findings_in_header_order():
+    r = row(Pleural_Effusion="1.0", Cardiomegaly="1.0", Edema="-1.0", Atelectasis="0.0", Fracture="")
+    assert cleft.caption_from_labels(r) == "this is a chest x ray of a patient with cardiomegaly, pleural effusion"
+    assert cleft.caption_from_labels(row(Edema="-1.0")) == "this is a chest x ray of a patient with no finding"
+    assert cleft.caption_from_labels(row(No_Finding="1.0")) == "this is a chest x ray of a patient with no finding"
+
+
+def test_five_class_rule():
+    assert cleft.five_class_index(row(Edema="1.0")) == 3
+    assert cleft.five_class_index(row(Edema="1.0", Cardiomegaly="0.0", No_Finding="1.0")) == 3  # No Finding unchecked
+    assert cleft.five_class_index(row(Edema="1.0", Cardiomegaly="1.0")) is None  # two classes
+    assert cleft.five_class_index(row(Edema="1.0", Atelectasis="-1.0")) is None  # uncertain
+    assert cleft.five_class_index(row(Edema="1.0", Pneumonia="-1.0")) is None
+    assert cleft.five_class_index(row(Edema="1.0", Support_Devices="1.0")) is None  # another finding
+    assert cleft.five_class_index(row(Lung_Opacity="1.0")) is None
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_build_5x200_picks_only_rows_that_satisfy_the_rule(demo_root):
+    rows = read(demo_root / "train.csv")
+    chosen = cleft.build_5x200(rows, per_class=10, seed=3)
+    assert len(chosen) == 50 and len({r["Path"] for r in chosen}) == 50
+    assert [sum(cleft.five_class_index(r) == c for r in chosen) for c in range(5)] == [10] * 5
+    assert all(r["Frontal/Lateral"] == "Frontal" for r in chosen)
+    assert all(v != "-1.0" for r in chosen for k, v in r.items() if k in cleft.FIVE_CLASSES + cleft.MUST_BE_ABSENT)
+    assert chosen == cleft.build_5x200(rows, per_class=10, seed=3)  # seeded
+    with pytest.raises(SystemExit, match="fewer than"):
+        cleft.build_5x200(rows, per_class=10_000)
+
+
+def test_chexpert_splits(demo_root):
+    splits = cleft.load_splits(cleft.parse_config(["--data", "chexpert", "--data-root", str(demo_root)]))
+    rows = read(demo_root / "train.csv")
+    assert any(r["Frontal/Lateral"] == "Lateral" for r in rows)  # the demo has lateral views to filter
+    for name in ("train", "val"):
+        assert splits[name] and all(path.endswith("_frontal.jpg") and Path(path).exists() for path, _ in splits[name])
+        assert all(caption.startswith(cleft.CAPTION_PREFIX) for _, caption in splits[name])
+    patients = {name: {cleft.patient_id(p) for p, _ in splits[name]} for name in splits}
+    assert not patients["train"] & patients["val"]  # split by patient
+    assert not patients["test"] & (patients["train"] | patients["val"])  # 5x200 patients never pre-trained on
+    assert len(splits["test"]) == 50 and sorted({c for _, c in splits["test"]}) == [0, 1, 2, 3, 4]
+    frontal = [r for r in rows if r["Frontal/Lateral"] == "Frontal"]
+    kept = len(splits["train"]) + len(splits["val"])
+    assert kept == sum(cleft.patient_id(r["Path"]) not in patients["test"] for r in frontal)
+    assert 0.02 < len(patients["val"]) / (len(patients["train"]) + len(patients["val"])) < 0.08  # about 5%
+    again = cleft.load_splits(cleft.parse_config(["--data", "chexpert", "--data-root", str(demo_root), "--seed", "7"]))
+    assert again == splits  # the split does not move with the training seed
+
+
+def test_pairs_csv(tmp_path):
+    (tmp_path / "images").mkdir()
+    for i in range(40):
+        Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "images" / f"{i}.jpg")
+    (tmp_path / "pairs.csv").write_text("image,text\n" + "".join(f"images/{i}.jpg,report {i}\n" for i in range(40)))
+    splits = cleft.load_splits(cleft.parse_config(["--data", "csv", "--data-root", str(tmp_path / "pairs.csv")]))
+    assert len(splits["train"]) == 38 and len(splits["val"]) == 2 and splits["test"] == []
+    assert all(Path(path).exists() and text == f"report {Path(path).stem}" for path, text in splits["train"] + splits["val"])
+    (tmp_path / "bad.csv").write_text("path,caption\na.jpg,x\n")
+    with pytest.raises(SystemExit, match=r"lacks the column\(s\) \['image', 'text'\]"):
+        cleft.load_splits(cleft.parse_config(["--data", "csv", "--data-root", str(tmp_path / "bad.csv")]))
+    with pytest.raises(SystemExit, match="does not exist"):
+        cleft.load_splits(cleft.parse_config(["--data", "chexpert", "--data-root", str(tmp_path / "nowhere")]))
+
+
+def test_load_image_keeps_aspect_and_is_deterministic_for_eval(tmp_path):
+    # left half black, right half white, on a wide image: a centre crop keeps the boundary in the middle
+    pixels = np.zeros((300, 600), np.uint8)
+    pixels[:, 300:] = 255
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    image = cleft.load_image(tmp_path / "wide.png", 64)
+    assert image.shape == (3, 64, 64)
+    gray = image[0] * cleft.IMAGE_STD[0] + cleft.IMAGE_MEAN[0]  # undo the normalisation
+    assert gray[:, :30].max() < 0.05 and gray[:, 34:].min() > 0.95  # not squashed: one edge, in the centre
+    torch.testing.assert_close(image, cleft.load_image(tmp_path / "wide.png", 64))
+    augmented = [cleft.load_image(tmp_path / "wide.png", 64, np.random.default_rng(s)) for s in (1, 2)]
+    assert not torch.equal(augmented[0], augmented[1])
+    torch.testing.assert_close(augmented[0], cleft.load_image(tmp_path / "wide.png", 64, np.random.default_rng(1)))
+
+
+def test_large_jpeg_is_decoded_reduced(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2800, 2400), dtype=np.uint8)).save(tmp_path / "big.jpg")
+    with Image.open(tmp_path / "big.jpg") as image:
+        image.draft("L", (224, 224))
+        assert image.size == (300, 350)  # decoded at 1/8 scale, still above 224
+    assert cleft.load_image(tmp_path / "big.jpg", 224).shape == (3, 224, 224)
+
+
+def test_unreadable_images_are_skipped(tmp_path, capsys):
+    Image.fromarray(np.full((40, 40), 200, np.uint8)).save(tmp_path / "good.jpg")
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "good.jpg").read_bytes()[:200])
+    dataset = cleft.XrayDataset([(str(tmp_path / "missing.jpg"), "a"), (str(tmp_path / "truncated.jpg"), "b"),
+                                 (str(tmp_path / "good.jpg"), "c")], image_size=32)
+    for index in (0, 1):
+        image, caption = dataset[(index, None)]
+        assert caption == "c" and image.shape == (3, 32, 32)  # the next readable item stands in
+    errors = capsys.readouterr().err
+    assert "missing.jpg" in errors and "truncated.jpg" in errors
+
+
+def test_train_batches_are_the_same_global_batches_for_any_world_size(monkeypatch):
+    def batches(world_size, rank, start_step=0, count=7):
+        monkeypatch.setattr(cleft, "world", lambda: (rank, world_size))
+        it = iter(cleft.TrainBatches(n=50, batch_size=12, seed=5, start_step=start_step))
+        return [next(it) for _ in range(count)]
+    one = batches(1, 0)
+    two = [a + b for a, b in zip(batches(2, 0), batches(2, 1))]
+    assert one == two
+    assert batches(1, 0, start_step=3, count=4) == one[3:]  # resuming mid-run gives the same data
+    epoch0 = [i for batch in one[:4] for i, _ in batch]  # 50 // 12 = 4 steps per epoch
+    assert len(set(epoch0)) == 48  # no repeats inside an epoch
+    assert [i for i, _ in one[4]] != [i for i, _ in one[0]]  # a new order each epoch
+
+
+def test_eval_batches_cover_the_data_in_order(monkeypatch):
+    monkeypatch.setattr(cleft, "world", lambda: (1, 2))
+    padded = cleft.eval_batches(10, batch_size=4, pad=True)
+    assert [[i for i, _ in b] for b in padded] == [[2, 3], [6, 7], [9, 9]]
+    assert all(seed is None for b in padded for _, seed in b)  # no augmentation
+    assert [[i for i, _ in b] for b in cleft.eval_batches(10, batch_size=4, pad=False)] == [[2, 3], [6, 7]]

@@ -1,0 +1,35 @@
+"""Two gloo processes on halves of a global batch give the loss and gradients of one process on all of it."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from dist_worker import global_batch, loss_and_grads
+
+TESTS = Path(__file__).parent
+
+
+def torchrun(*args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("multi_positive", [False, True])
+def test_two_processes_equal_one(tmp_path, multi_positive):
+    out = tmp_path / "two.pt"
+    result = torchrun(TESTS / "dist_worker.py", out, *(["--multi-positive"] if multi_positive else []))
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(out, weights_only=True)
+    images, captions = global_batch()
+    loss, grads = loss_and_grads(tiny_model(), images, captions, multi_positive)
+    torch.testing.assert_close(two["loss"], loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == two["grads"].keys()
+    for name in grads:  # projections, image tower, LoRA and the temperature
+        torch.testing.assert_close(two["grads"][name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert grads["logit_scale"].abs() > 0
