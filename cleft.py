@@ -94,9 +94,10 @@ DEMO_DEFAULTS = dict(data_root="data/demo", text_model="tiny", vision_model="tin
                      num_workers=2, out_dir="runs/demo")
 
 
-def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Config):
+def parse_config(argv=None, config_class=Config, demo_defaults=DEMO_DEFAULTS, description=__doc__):
+    """Fill `config_class` from the command line; with --data demo, `demo_defaults` replace its defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:  # --flag / --no-flag
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
@@ -104,8 +105,8 @@ def parse_config(argv=None):
             parser.add_argument(flag, type=f.type, default=None, choices=f.metadata.get("choices"),
                                 help=f"{f.metadata['help']} (default: {f.default})")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    defaults = DEMO_DEFAULTS if given.get("data", Config.data) == "demo" else {}
-    return Config(**{**defaults, **given})  # explicit flags win over the demo defaults
+    defaults = demo_defaults if given.get("data", config_class.data) == "demo" else {}
+    return config_class(**{**defaults, **given})  # explicit flags win over the demo defaults
 
 
 def die(message):
@@ -240,27 +241,36 @@ def split_by_patient(rows, fraction, key=lambda row: patient_id(row["Path"])):
     return [r for r in rows if key(r) not in val_patients], [r for r in rows if key(r) in val_patients]
 
 
+def chexpert_rows(root, val_fraction=0.05):
+    """Frontal rows of a CheXpert-layout folder: {'train', 'val', 'test'}. test = chexpert_5x200.csv when present;
+    its patients are excluded from train and val. Each row gets 'image', its path on disk."""
+    if not str(root):
+        die("--data chexpert needs --data-root: the CheXpert folder that holds train.csv.")
+    root = Path(root)
+    rows = [r for r in read_csv(root / "train.csv", CHEXPERT_COLUMNS) if r["Frontal/Lateral"] == "Frontal"]
+    test = []
+    if (root / "chexpert_5x200.csv").exists():
+        test = [r for r in read_csv(root / "chexpert_5x200.csv", CHEXPERT_COLUMNS) if five_class_index(r) is not None]
+    test_patients = {patient_id(r["Path"]) for r in test}  # excluded by patient, not only by image
+    train, val = split_by_patient([r for r in rows if patient_id(r["Path"]) not in test_patients], val_fraction)
+    for row in train + val + test:
+        row["image"] = str(root.joinpath(*Path(row["Path"]).parts[1:]))  # drop 'CheXpert-v1.0-small/'
+    return {"train": train, "val": val, "test": test}
+
+
 def load_splits(cfg, val_fraction=0.05):
     """{'train': [(path, caption)], 'val': [(path, caption)], 'test': [(path, class index)]} for cfg.data."""
-    if not cfg.data_root:
-        die(f"--data {cfg.data} needs --data-root: the CheXpert folder that holds train.csv, or the pairs CSV.")
-    root = Path(cfg.data_root)
     if cfg.data == "csv":
-        rows = read_csv(root, ["image", "text"])
-        to_pair = lambda row: (str(root.parent / row["image"]), row["text"])
+        if not cfg.data_root:
+            die("--data csv needs --data-root: the CSV file with image and text columns.")
+        rows = read_csv(cfg.data_root, ["image", "text"])
+        to_pair = lambda row: (str(Path(cfg.data_root).parent / row["image"]), row["text"])
         train, val = split_by_patient(rows, val_fraction, key=lambda row: row["image"])
         return {"train": [to_pair(r) for r in train], "val": [to_pair(r) for r in val], "test": []}
-    # chexpert, and the demo, which is written in CheXpert's layout
-    image_path = lambda row: str(root.joinpath(*Path(row["Path"]).parts[1:]))  # drop 'CheXpert-v1.0-small/'
-    rows = [r for r in read_csv(root / "train.csv", CHEXPERT_COLUMNS) if r["Frontal/Lateral"] == "Frontal"]
-    test_rows = []
-    if (root / "chexpert_5x200.csv").exists():
-        test_rows = [r for r in read_csv(root / "chexpert_5x200.csv", CHEXPERT_COLUMNS) if five_class_index(r) is not None]
-    test_patients = {patient_id(r["Path"]) for r in test_rows}  # excluded by patient, not only by image
-    train, val = split_by_patient([r for r in rows if patient_id(r["Path"]) not in test_patients], val_fraction)
-    return {"train": [(image_path(r), caption_from_labels(r)) for r in train],
-            "val": [(image_path(r), caption_from_labels(r)) for r in val],
-            "test": [(image_path(r), five_class_index(r)) for r in test_rows]}
+    splits = chexpert_rows(cfg.data_root, val_fraction)  # chexpert, and the demo, written in CheXpert's layout
+    return {"train": [(r["image"], caption_from_labels(r)) for r in splits["train"]],
+            "val": [(r["image"], caption_from_labels(r)) for r in splits["val"]],
+            "test": [(r["image"], five_class_index(r)) for r in splits["test"]]}
 
 
 IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # DINOv2 was trained on ImageNet statistics
@@ -550,9 +560,13 @@ class TextTower(nn.Module):
         position = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # labels repeat: encode each caption once
         unique = list(position)
         input_ids, attention_mask, eos_positions = (t.to(self.model.device) for t in self.tokenize(unique))
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (U, T, width)
-        pooled = hidden[torch.arange(len(unique), device=hidden.device), eos_positions]  # (U, width)
-        return pooled[torch.tensor([position[c] for c in captions], device=hidden.device)]  # (B, width)
+        pooled = self.pool_at_eos(eos_positions, input_ids=input_ids, attention_mask=attention_mask)  # (U, width)
+        return pooled[torch.tensor([position[c] for c in captions], device=pooled.device)]  # (B, width)
+
+    def pool_at_eos(self, eos_positions, **inputs):
+        """Run the LM on input_ids or inputs_embeds (B, T, ...) and return the hidden states at the EOS, (B, width)."""
+        hidden = self.model(**inputs).last_hidden_state  # (B, T, width)
+        return hidden[torch.arange(len(hidden), device=hidden.device), eos_positions]
 
 
 class CLEFT(nn.Module):
@@ -715,19 +729,25 @@ def validation_loss(model, loader, autocast):
 
 
 @torch.no_grad()
+def embed_images(model, loader, n, autocast, progress=False):
+    """(features (n, D), labels (n,)) of an eval_batches(pad=True) loader over n items, on every rank:
+    each rank embeds its share of every batch and the shares are gathered."""
+    device = model.logit_scale.device
+    features, labels = [], []
+    for images, targets in tqdm(loader, desc="image features", disable=not progress or world()[0] != 0, leave=False):
+        with autocast:
+            features.append(all_gather_rows(model.encode_image(images.to(device))))  # (B, D)
+        labels.append(all_gather_rows(targets.to(device)))  # (B,)
+    return torch.cat(features)[:n], torch.cat(labels)[:n]
+
+
+@torch.no_grad()
 def zero_shot_accuracy(model, loader, n, classes, autocast):
     """Accuracy (%) of argmax over classes of cos(image, hand-written class prompt) on n images."""
-    device = model.logit_scale.device
     with autocast:
         class_features = model.encode_text(class_prompts(classes))  # (C, D)
-    predictions, labels = [], []
-    for images, targets in loader:
-        with autocast:
-            image_features = all_gather_rows(model.encode_image(images.to(device)))  # (B, D)
-        predictions.append((image_features @ class_features.T).argmax(dim=1))  # (B,)
-        labels.append(all_gather_rows(targets.to(device)))
-    predictions, labels = torch.cat(predictions)[:n], torch.cat(labels)[:n]
-    return 100 * (predictions == labels).float().mean().item()
+    image_features, labels = embed_images(model, loader, n, autocast)
+    return 100 * ((image_features @ class_features.T).argmax(dim=1) == labels).float().mean().item()
 
 
 # -----------------------------------------------------------------------------
