@@ -137,6 +137,12 @@ def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def autocast_for(dtype, device):
+    """(name, context): 'auto' is bf16 autocast on CUDA and fp32 on CPU; weights stay fp32 either way."""
+    dtype = dtype if dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return dtype, (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext())
+
+
 def print0(*args, **kwargs):
     if world()[0] == 0:
         print(*args, **kwargs, flush=True)
@@ -453,6 +459,15 @@ def make_demo_dataset(root, patients=1200, per_class=50, seed=0):
     os.replace(tmp, root)
 
 
+def prepare_demo(cfg):
+    """With --data demo, rank 0 writes the synthetic dataset once and the other ranks wait for it."""
+    if cfg.data == "demo":
+        if world()[0] == 0:
+            make_demo_dataset(cfg.data_root)
+        if world()[1] > 1:
+            dist.barrier()
+
+
 # -----------------------------------------------------------------------------
 # Model: image tower (DINOv2), text tower (frozen causal LM + PEFT), CLEFT = both + projections
 
@@ -760,17 +775,11 @@ def main(argv=None):
     master = rank == 0
     if cfg.batch_size % world_size:
         die(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world_size} processes: change one.")
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    dtype, autocast = autocast_for(cfg.dtype, device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     print0(f"config: {json.dumps(asdict(cfg))}\nworld size {world_size} on {device}, {dtype}")
 
-    # data (rank 0 writes the demo once; the others wait for it)
-    if cfg.data == "demo":
-        if master:
-            make_demo_dataset(cfg.data_root)
-        if world_size > 1:
-            dist.barrier()
+    prepare_demo(cfg)
     splits = load_splits(cfg)
     for name in ("train", "val"):
         if len(splits[name]) < cfg.batch_size:

@@ -30,3 +30,12 @@ def tiny_model(**overrides):
     import torch
     torch.manual_seed(0)
     return cleft.CLEFT(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def stage1_ckpt(demo_root, tmp_path_factory):
+    """A stage-1 checkpoint from a short run on the small demo."""
+    out = tmp_path_factory.mktemp("stage1")
+    cleft.main(["--data-root", str(demo_root), "--out-dir", str(out), "--max-steps", "4", "--eval-every", "4",
+                "--batch-size", "8", "--num-workers", "0"])
+    return out / "best"
