@@ -283,13 +283,27 @@ IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # DINOv2 was tra
 IMAGE_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
+def read_dicom(path):
+    """A DICOM file as an 8-bit grayscale PIL image: scaled by its maximum, MONOCHROME1 inverted (RSNA)."""
+    import pydicom  # optional: only DICOM datasets need it
+    dicom = pydicom.dcmread(path)
+    pixels = dicom.pixel_array.astype(np.float32)
+    pixels = pixels / max(float(pixels.max()), 1e-6)
+    if dicom.get("PhotometricInterpretation") == "MONOCHROME1":
+        pixels = 1 - pixels
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
 def load_image(path, size, rng=None, hflip=False):
     """An X-ray as a normalised (3, size, size) tensor. The shorter side is scaled to `size` and the rest
     cropped (aspect ratio kept). rng=None gives the deterministic centre view used for evaluation; an rng
     gives a mild random training view: zoom, rotation, shift, brightness and contrast."""
-    with Image.open(path) as image:
-        image.draft("L", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below `size`
-        image = image.convert("L")
+    if str(path).lower().endswith(".dcm"):
+        image = read_dicom(path)
+    else:
+        with Image.open(path) as image:
+            image.draft("L", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below `size`
+            image = image.convert("L")
     zoom = rng.uniform(1.0, 1.15) if rng else 1.0
     scale = size * zoom / min(image.size)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
@@ -321,15 +335,16 @@ class XrayDataset(Dataset):
 
     def __getitem__(self, item):
         index, aug_seed = item
-        path, target = self.records[index]
-        rng = np.random.default_rng(aug_seed) if aug_seed is not None else None
-        try:
-            return load_image(path, self.image_size, rng, self.hflip), target
-        except (OSError, ValueError) as error:  # missing, truncated or corrupt: skip it, keep the batch full
-            if path not in self.reported:
-                self.reported.add(path)
-                print(f"warning: skipping unreadable image {path} ({error})", file=sys.stderr, flush=True)
-            return self[((index + 1) % len(self), aug_seed)]
+        for offset in range(len(self)):  # an unreadable image is skipped: the next one stands in, the batch stays full
+            path, target = self.records[(index + offset) % len(self)]
+            try:
+                return load_image(path, self.image_size, np.random.default_rng(aug_seed) if aug_seed else None,
+                                  self.hflip), target
+            except (OSError, ValueError) as error:  # missing, truncated or corrupt
+                if path not in self.reported:
+                    self.reported.add(path)
+                    print(f"warning: skipping unreadable image {path} ({error})", file=sys.stderr, flush=True)
+        raise RuntimeError(f"none of the {len(self)} images can be read (the first: {self.records[0][0]}): check the data root.")
 
 
 class TrainBatches(Sampler):
@@ -744,14 +759,15 @@ def validation_loss(model, loader, autocast):
 
 
 @torch.no_grad()
-def embed_images(model, loader, n, autocast, progress=False):
+def embed_images(model, loader, n, autocast, progress=False, encode=None):
     """(features (n, D), labels (n,)) of an eval_batches(pad=True) loader over n items, on every rank:
-    each rank embeds its share of every batch and the shares are gathered."""
-    device = model.logit_scale.device
+    each rank embeds its share of every batch and the shares are gathered. encode: images -> features
+    (default: the unit-length shared-space embedding, model.encode_image)."""
+    device, encode = model.logit_scale.device, encode or model.encode_image
     features, labels = [], []
     for images, targets in tqdm(loader, desc="image features", disable=not progress or world()[0] != 0, leave=False):
         with autocast:
-            features.append(all_gather_rows(model.encode_image(images.to(device))))  # (B, D)
+            features.append(all_gather_rows(encode(images.to(device)).float()))  # (B, D)
         labels.append(all_gather_rows(targets.to(device)))  # (B,)
     return torch.cat(features)[:n], torch.cat(labels)[:n]
 
