@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +49,13 @@ class Config:
     data: str = field(default="demo", metadata={"help": "dataset", "choices": ["demo", "chexpert", "csv"]})
     data_root: str = field(default="", metadata={"help": "CheXpert folder (with train.csv), the CSV file for --data csv, or where the demo is written (default data/demo)"})
     image_size: int = field(default=224, metadata={"help": "square input side in pixels (paper: 224)"})
+    augment: str = field(default="cleft", metadata={"help": "training views: cleft = mild zoom, rotation, shift and brightness/contrast jitter; clip = centre crop with brightness/contrast jitter", "choices": ["cleft", "clip"]})
     hflip: bool = field(default=False, metadata={"help": "random horizontal flips; off because laterality matters in chest X-rays"})
     max_length: int = field(default=64, metadata={"help": "caption tokens kept, EOS included (public code: 64); batches are padded only to their longest caption"})
     num_workers: int = field(default=4, metadata={"help": "data-loading processes per rank"})
     # model
-    text_model: str = field(default="stanford-crfm/BioMedLM", metadata={"help": "hub id, local save_pretrained directory, or 'tiny' (random, offline)"})
+    preset: str = field(default="", metadata={"help": "a named set of defaults, see PRESETS (explicit flags still win)", "choices": ["", "medclip-vit-l"]})
+    text_model: str = field(default="stanford-crfm/BioMedLM", metadata={"help": "hub id, local save_pretrained directory, or 'tiny' / 'tiny-bert' (random, offline)"})
     vision_model: str = field(default="facebook/dinov2-base", metadata={"help": "hub id, local save_pretrained directory, or 'tiny' (random, offline)"})
     peft: str = field(default="lora", metadata={"help": "adapter on the frozen LM (paper Table 3)", "choices": ["lora", "ia3", "prefix", "none"]})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (paper: 8)"})
@@ -68,6 +70,7 @@ class Config:
     multi_positive: bool = field(default=False, metadata={"help": "identical captions in the global batch count as positives (soft targets)"})
     # optimisation (paper section 3.3)
     batch_size: int = field(default=72, metadata={"help": "global batch, split over all ranks (paper: 72)"})
+    accum_steps: int = field(default=1, metadata={"help": "split each rank's batch into K micro-batches; the gradient-cache method keeps the contrastive gradient exact"})
     lr: float = field(default=4e-5, metadata={"help": "peak learning rate (paper: 4e-5)"})
     weight_decay: float = field(default=0.2, metadata={"help": "AdamW weight decay on matrices (paper: 0.2)"})
     warmup_steps: int = field(default=4000, metadata={"help": "linear warm-up steps (paper: 4000)"})
@@ -80,6 +83,7 @@ class Config:
     log_every: int = field(default=50, metadata={"help": "one log line every N steps"})
     out_dir: str = field(default="runs/cleft", metadata={"help": "where last/, best/ and metrics.jsonl go"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/last/"})
+    dry_run: bool = field(default=False, metadata={"help": "build the model on the meta device, print its parameter table and exit (offline, seconds; the paper's models unless --text-model/--vision-model say otherwise)"})
 
     def __post_init__(self):
         if self.freeze_lm and self.full_ft_lm:
@@ -87,6 +91,17 @@ class Config:
         if self.freeze_lm or self.full_ft_lm:
             self.peft = "none"
 
+
+# `--preset NAME` replaces these defaults; "demo" holds what changes with --data demo as well
+PRESETS = {
+    # Med-CLIP-ViT-L: a ViT-L/14 image tower and a BERT-base text tower ([CLS] pooling, 77 tokens), both fully
+    # trained; AdamW lr 5e-5, decoupled weight decay 0.1, 2,000 warm-up steps then cosine, global batch 4,096;
+    # centre crops with colour jitter and horizontal flips
+    "medclip-vit-l": {"defaults": dict(text_model="bert-base-uncased", vision_model="facebook/dinov2-large", peft="none",
+                                       full_ft_lm=True, max_length=77, lr=5e-5, weight_decay=0.1, warmup_steps=2000,
+                                       batch_size=4096, augment="clip", hflip=True),
+                      "demo": dict(text_model="tiny-bert")},
+}
 
 # `--data demo` changes these defaults so the demo runs in minutes on a laptop CPU
 DEMO_DEFAULTS = dict(data_root="data/demo", text_model="tiny", vision_model="tiny", image_size=112, max_length=256,
@@ -105,8 +120,10 @@ def parse_config(argv=None, config_class=Config, demo_defaults=DEMO_DEFAULTS, de
             parser.add_argument(flag, type=f.type, default=None, choices=f.metadata.get("choices"),
                                 help=f"{f.metadata['help']} (default: {f.default})")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    defaults = demo_defaults if given.get("data", config_class.data) == "demo" else {}
-    return config_class(**{**defaults, **given})  # explicit flags win over the demo defaults
+    preset = PRESETS.get(given.get("preset"), {})
+    demo = given.get("data", config_class.data) == "demo" and not given.get("dry_run")  # a dry run counts the real model
+    defaults = {**preset.get("defaults", {}), **(demo_defaults if demo else {}), **(preset.get("demo", {}) if demo else {})}
+    return config_class(**{**defaults, **given})  # explicit flags win over presets and the demo defaults
 
 
 def die(message):
@@ -294,21 +311,22 @@ def read_dicom(path):
     return Image.fromarray((pixels * 255).astype(np.uint8))
 
 
-def load_image(path, size, rng=None, hflip=False):
+def load_image(path, size, rng=None, hflip=False, affine=True):
     """An X-ray as a normalised (3, size, size) tensor. The shorter side is scaled to `size` and the rest
     cropped (aspect ratio kept). rng=None gives the deterministic centre view used for evaluation; an rng
-    gives a mild random training view: zoom, rotation, shift, brightness and contrast."""
+    gives a random training view: brightness and contrast, plus (affine=True) a mild zoom, rotation and shift."""
     if str(path).lower().endswith(".dcm"):
         image = read_dicom(path)
     else:
         with Image.open(path) as image:
             image.draft("L", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below `size`
             image = image.convert("L")
-    zoom = rng.uniform(1.0, 1.15) if rng else 1.0
+    affine = affine and rng is not None
+    zoom = rng.uniform(1.0, 1.15) if affine else 1.0
     scale = size * zoom / min(image.size)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
     image = image.resize((width, height), Image.Resampling.BILINEAR)
-    if rng:
+    if affine:
         image = image.rotate(rng.uniform(-10, 10), Image.Resampling.BILINEAR)
         left, top = rng.integers(0, width - size + 1), rng.integers(0, height - size + 1)
     else:
@@ -326,8 +344,8 @@ def load_image(path, size, rng=None, hflip=False):
 class XrayDataset(Dataset):
     """(image path, target) records; item (index, augmentation seed or None) -> (image, target)."""
 
-    def __init__(self, records, image_size, hflip=False):
-        self.records, self.image_size, self.hflip = records, image_size, hflip
+    def __init__(self, records, image_size, hflip=False, affine=True):
+        self.records, self.image_size, self.hflip, self.affine = records, image_size, hflip, affine
         self.reported = set()
 
     def __len__(self):
@@ -339,7 +357,7 @@ class XrayDataset(Dataset):
             path, target = self.records[(index + offset) % len(self)]
             try:
                 return load_image(path, self.image_size, np.random.default_rng(aug_seed) if aug_seed else None,
-                                  self.hflip), target
+                                  self.hflip, self.affine), target
             except (OSError, ValueError) as error:  # missing, truncated or corrupt
                 if path not in self.reported:
                     self.reported.add(path)
@@ -487,34 +505,66 @@ def prepare_demo(cfg):
 # Model: image tower (DINOv2), text tower (frozen causal LM + PEFT), CLEFT = both + projections
 
 
-def tiny_tokenizer():
-    """A byte-level tokenizer (256 bytes + EOS): encodes any text and needs no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def tiny_tokenizer(bert=False):
+    """A byte-level tokenizer (256 bytes + EOS) that encodes any text and needs no download. bert=True adds
+    BERT's [CLS] caption [SEP] framing and a [PAD] token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+    if not bert:
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+    tokenizer.add_special_tokens(["[CLS]", "[SEP]", "[PAD]"])  # ids 257, 258, 259
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 257), ("[SEP]", 258)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]")
 
 
-def tiny_config(kind):
-    """Small configs of the paper's architectures (GPT-2 and DINOv2) for offline demos and tests."""
-    from transformers import Dinov2Config, GPT2Config
-    if kind == "text":
-        return GPT2Config(vocab_size=257, n_positions=512, n_embd=64, n_layer=2, n_head=4, bos_token_id=256, eos_token_id=256)
-    return Dinov2Config(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=112, patch_size=14)
+# The architectures (configs, not weights) of the default and preset models, so --dry-run works offline
+ARCHITECTURES = {
+    "stanford-crfm/BioMedLM": ("gpt2", dict(vocab_size=28896, n_positions=1024, n_embd=2560, n_layer=32, n_head=20,
+                                            bos_token_id=28895, eos_token_id=28895)),
+    "facebook/dinov2-base": ("dinov2", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=518, patch_size=14)),
+    "facebook/dinov2-with-registers-base": ("dinov2_with_registers", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                                                        image_size=518, patch_size=14, num_register_tokens=4)),
+    "facebook/dinov2-large": ("dinov2", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=518, patch_size=14)),
+    "bert-base-uncased": ("bert", dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12)),
+    # small versions of the same architectures, random and offline, for demos and tests
+    "tiny text": ("gpt2", dict(vocab_size=257, n_positions=512, n_embd=64, n_layer=2, n_head=4, bos_token_id=256, eos_token_id=256)),
+    "tiny vision": ("dinov2", dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=112, patch_size=14)),
+    "tiny-bert text": ("bert", dict(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                    pad_token_id=259)),
+}
 
 
-def load_pretrained(name, kind):
-    """(model, tokenizer or None) from a hub id or local directory; 'tiny' builds a random small model."""
+def model_config(name, kind):
+    """The architecture of model `name`: the real config (hub or local directory), or, when that cannot be
+    reached, the copy in ARCHITECTURES."""
+    from transformers import AutoConfig
+    key = f"{name} {kind}" if name.startswith("tiny") else name
+    if key not in ARCHITECTURES or not name.startswith("tiny"):
+        try:
+            return AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            if key not in ARCHITECTURES:
+                die(f"cannot read the config of '{name}' ({str(error).splitlines()[0]}): download it once with network "
+                    "access (or unset HF_HUB_OFFLINE), or pass a local save_pretrained directory.")
+    model_type, kwargs = ARCHITECTURES[key]
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def load_pretrained(name, kind, weights=True):
+    """(model, tokenizer or None) from a hub id or local directory; 'tiny' and 'tiny-bert' build random small
+    models; weights=False builds the architecture alone (for --dry-run, under the meta device)."""
     from transformers import AutoModel, AutoTokenizer
-    if name == "tiny":
+    if name.startswith("tiny") or not weights:
         with torch.random.fork_rng():  # the same frozen weights every time: checkpoints store only trained ones
             torch.manual_seed(0)
-            model = AutoModel.from_config(tiny_config(kind))
-        return model, tiny_tokenizer() if kind == "text" else None
+            model = AutoModel.from_config(model_config(name, kind))
+        tiny_text = name.startswith("tiny") and kind == "text"
+        return model, tiny_tokenizer(bert=name == "tiny-bert") if tiny_text else None
     try:
         model = AutoModel.from_pretrained(name, dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(name) if kind == "text" else None
@@ -533,7 +583,7 @@ class ImageTower(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.model, _ = load_pretrained(cfg.vision_model, "vision")
+        self.model, _ = load_pretrained(cfg.vision_model, "vision", weights=not cfg.dry_run)
         self.model.layernorm = nn.Identity()
         # used only by masked-image pre-training; DDP fails on a trainable parameter that gets no gradient
         self.model.embeddings.mask_token.requires_grad_(False)
@@ -557,13 +607,18 @@ def peft_config(cfg):
 
 class TextTower(nn.Module):
     """A causal LM read at the end-of-sequence token: with causal attention that is the one position
-    that has seen the whole caption (paper section 2.1). The LM is frozen; PEFT adds what is trained."""
+    that has seen the whole caption (paper section 2.1). The LM is frozen; PEFT adds what is trained.
+    An encoder such as BERT (the medclip-vit-l preset) is read at its [CLS] token instead."""
 
     def __init__(self, cfg):
         super().__init__()
-        model, self.tokenizer = load_pretrained(cfg.text_model, "text")
-        self.eos_id = self.tokenizer.eos_token_id  # pad = EOS, right padding
+        model, self.tokenizer = load_pretrained(cfg.text_model, "text", weights=not cfg.dry_run)
+        self.read_cls = self.tokenizer.cls_token is not None if self.tokenizer else model.config.model_type == "bert"
+        self.eos_id = self.tokenizer.eos_token_id if self.tokenizer else model.config.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer and self.tokenizer.pad_token else self.eos_id
         self.max_length, self.width = cfg.max_length, model.config.hidden_size
+        if getattr(model, "pooler", None) is not None:  # BERT's pooler layer: unused by [CLS] pooling, and DDP
+            model.pooler = None  # fails on a trainable parameter that never gets a gradient
         model.requires_grad_(cfg.full_ft_lm)
         if cfg.grad_checkpointing and cfg.peft == "prefix":
             print0("note: peft does not support prefix tuning with gradient checkpointing; the text tower runs without it")
@@ -577,14 +632,19 @@ class TextTower(nn.Module):
         self.model = model
 
     def tokenize(self, captions):
-        """(input_ids (B, T), attention_mask (B, T), eos_positions (B,)): EOS appended explicitly and kept
-        under truncation; the batch is padded only to its longest caption."""
-        ids = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-        ids = [x[:self.max_length - 1] + [self.eos_id] for x in ids]
+        """(input_ids (B, T), attention_mask (B, T), pooled positions (B,)), right-padded only to the longest
+        caption. Causal LM: an EOS appended explicitly and kept under truncation, pooled there. Encoder: the
+        tokenizer's own [CLS] ... [SEP], pooled at [CLS] (position 0)."""
+        if self.read_cls:
+            ids = self.tokenizer(list(captions), truncation=True, max_length=self.max_length)["input_ids"]
+        else:
+            ids = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+            ids = [x[:self.max_length - 1] + [self.eos_id] for x in ids]
         longest = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [self.eos_id] * (longest - len(x)) for x in ids])
+        input_ids = torch.tensor([x + [self.pad_id] * (longest - len(x)) for x in ids])
         attention_mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids])
-        return input_ids, attention_mask, torch.tensor([len(x) - 1 for x in ids])
+        positions = [0 if self.read_cls else len(x) - 1 for x in ids]
+        return input_ids, attention_mask, torch.tensor(positions)
 
     def forward(self, captions):  # list of B strings -> (B, width)
         position = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # labels repeat: encode each caption once
@@ -614,8 +674,8 @@ class CLEFT(nn.Module):
     def encode_text(self, captions):  # B strings -> (B, D), unit length, fp32
         return F.normalize(self.text_projection(self.text_tower(captions)).float(), dim=-1)
 
-    def forward(self, images, captions):
-        return self.encode_image(images), self.encode_text(captions)
+    def forward(self, images, captions):  # the scale too, so DDP sees every trained tensor used in forward
+        return self.encode_image(images), self.encode_text(captions), self.logit_scale
 
 
 # -----------------------------------------------------------------------------
@@ -648,6 +708,60 @@ def contrastive_loss(image_features, text_features, logit_scale, ids=None):
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
 
 
+def rng_state():
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+def train_step(model, images, captions, cfg, autocast):
+    """Forward and backward of this rank's share of one global batch; returns the loss (detached).
+
+    With cfg.accum_steps = K > 1 the batch goes through in K micro-batches, and the gradient is still exactly
+    that of the whole batch (gradient cache): dividing InfoNCE over micro-batches would give each one fewer
+    negatives. 1) embed every micro-batch without a graph; 2) compute the loss over the whole batch and its
+    gradient with respect to the embeddings; 3) re-run each micro-batch with a graph, replaying its dropout,
+    and back-propagate those gradients. Under DDP, gradients are synchronised on the last micro-batch only."""
+    ids = caption_ids(captions, images.device) if cfg.multi_positive else None
+    if cfg.accum_steps == 1:
+        with autocast:
+            image_features, text_features, logit_scale = model(images, captions)
+        loss = contrastive_loss(image_features, text_features, logit_scale, ids)
+        loss.backward()
+        return loss.detach()
+    size = len(captions) // cfg.accum_steps
+    chunks = [(images[k:k + size], captions[k:k + size]) for k in range(0, len(captions), size)]
+    states, image_parts, text_parts = [], [], []
+    with torch.no_grad():  # 1)
+        for chunk_images, chunk_captions in chunks:
+            states.append(rng_state())
+            with autocast:
+                image_part, text_part, logit_scale = model(chunk_images, chunk_captions)
+            image_parts.append(image_part)
+            text_parts.append(text_part)
+    image_features = torch.cat(image_parts).requires_grad_()  # (b, D)
+    text_features = torch.cat(text_parts).requires_grad_()  # (b, D)
+    scale = logit_scale.detach().requires_grad_()
+    loss = contrastive_loss(image_features, text_features, scale, ids)  # 2)
+    loss.backward()
+    for k, (chunk_images, chunk_captions) in enumerate(chunks):  # 3)
+        last = k == len(chunks) - 1
+        set_rng_state(states[k])  # the same dropout masks as in 1)
+        with nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync():
+            with autocast:
+                image_part, text_part, logit_scale = model(chunk_images, chunk_captions)
+            rows = slice(k * size, (k + 1) * size)
+            outputs, grads = [image_part, text_part], [image_features.grad[rows], text_features.grad[rows]]
+            if last:  # the temperature's gradient goes in once, with the last backward
+                outputs, grads = outputs + [logit_scale], grads + [scale.grad]
+            torch.autograd.backward(outputs, grads)
+    return loss.detach()
+
+
 # -----------------------------------------------------------------------------
 # Optimizer and schedule
 
@@ -673,6 +787,30 @@ def count_parameters(model):
     trainable = lambda module: sum(p.numel() for p in module.parameters() if p.requires_grad)
     towers = {"image tower": trainable(model.image_tower), "text tower": trainable(model.text_tower)}
     return {**towers, "projections and temperature": trainable(model) - sum(towers.values()), "total": trainable(model)}
+
+
+def parameter_report(cfg):
+    """--dry-run: the configured model built on the meta device (no weights, no memory, no download), counted,
+    and set against the paper's comparison: a CLIP whose text tower is a fully trained BERT-base."""
+    cfg = replace(cfg, dry_run=True)
+    with torch.device("meta"):
+        model = CLEFT(cfg)
+        bert = CLEFT(replace(cfg, text_model="bert-base-uncased", peft="none", full_ft_lm=True, freeze_lm=False))
+    count = lambda params: sum(p.numel() for p in params)
+    trained = lambda module: count(p for p in module.parameters() if p.requires_grad)
+    lm_mode = "frozen" if cfg.freeze_lm else "fully trained" if cfg.full_ft_lm else cfg.peft
+    rows = [(f"image tower ({cfg.vision_model})", model.image_tower),
+            (f"text tower ({cfg.text_model}, {lm_mode}{', embeddings trained' if cfg.train_embed else ''})", model.text_tower),
+            ("projections", nn.ModuleList([model.image_projection, model.text_projection]))]
+    lines = ["| part | parameters | trained |", "|---|---:|---:|"]
+    lines += [f"| {name} | {count(m.parameters()):,} | {trained(m):,} |" for name, m in rows]
+    lines += ["| temperature | 1 | 1 |", f"| **total** | **{count(model.parameters()):,}** | **{trained(model):,}** |", ""]
+    lm_trained, lm_total = trained(model.text_tower), count(model.text_tower.parameters())
+    bert_text = trained(bert.text_tower)
+    lines += [f"trained share of the text tower: {100 * lm_trained / lm_total:.3f}% ({lm_trained:,} of {lm_total:,})",
+              f"trained text-tower parameters vs a fully trained BERT-base text tower ({bert_text:,}): {100 * lm_trained / bert_text:.2f}%",
+              f"trained parameters in all vs that CLIP baseline ({trained(bert):,}): {100 * trained(model) / trained(bert):.1f}%"]
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -750,7 +888,7 @@ def validation_loss(model, loader, autocast):
     losses = []
     for images, captions in loader:
         with autocast:
-            image_features, text_features = model(images.to(model.logit_scale.device), captions)
+            image_features, text_features, _ = model(images.to(model.logit_scale.device), captions)
         losses.append(contrastive_loss(image_features, text_features, model.logit_scale))  # this rank's rows
     loss = torch.stack(losses).mean()
     if world()[1] > 1:
@@ -787,10 +925,15 @@ def zero_shot_accuracy(model, loader, n, classes, autocast):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    if cfg.dry_run:
+        print(parameter_report(cfg))
+        return
     rank, world_size, device = setup_distributed()
     master = rank == 0
     if cfg.batch_size % world_size:
         die(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world_size} processes: change one.")
+    if (cfg.batch_size // world_size) % cfg.accum_steps:
+        die(f"each process's batch ({cfg.batch_size // world_size}) must divide by --accum-steps {cfg.accum_steps}: change one.")
     dtype, autocast = autocast_for(cfg.dtype, device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     print0(f"config: {json.dumps(asdict(cfg))}\nworld size {world_size} on {device}, {dtype}")
@@ -827,7 +970,7 @@ def main(argv=None):
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_set = XrayDataset(splits["train"], cfg.image_size, cfg.hflip)
+    train_set = XrayDataset(splits["train"], cfg.image_size, cfg.hflip, affine=cfg.augment == "cleft")
     train_batches = TrainBatches(len(train_set), cfg.batch_size, cfg.seed, start_step)
     train_loader = iter(make_loader(train_set, train_batches, cfg, device, persistent=True))
     val_set = XrayDataset(splits["val"], cfg.image_size)
@@ -872,12 +1015,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, captions = next(train_loader)
-        images = images.to(device, non_blocking=True)
-        with autocast:
-            image_features, text_features = model(images, captions)
-        ids = caption_ids(captions, device) if cfg.multi_positive else None
-        loss = contrastive_loss(image_features, text_features, raw_model.logit_scale, ids)
-        loss.backward()
+        loss = train_step(model, images.to(device, non_blocking=True), captions, cfg, autocast)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -886,7 +1024,6 @@ def main(argv=None):
             raw_model.logit_scale.clamp_(0, math.log(100))  # CLIP: the scale never exceeds 100
 
         # every rank learns the mean loss (one scalar): a non-finite loss stops all of them together
-        loss = loss.detach()
         if world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         loss = loss.item()

@@ -97,6 +97,9 @@ class PromptLearner(nn.Module):
     def __init__(self, model, classes, context_length=30, init=CAPTION_PREFIX.strip(), context=None):
         super().__init__()
         tower = model.text_tower
+        if tower.read_cls:
+            die("prompt context learning needs a causal text tower read at its EOS (CLEFT's); this checkpoint's text "
+                "tower is an encoder read at [CLS]: evaluate it with the hand-written prompts instead.")
         embedding = tower.model.get_input_embeddings()
         device = embedding.weight.device
         tokenize = lambda text: tower.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,14 +1,15 @@
-"""Run under `torchrun --nproc_per_node=N tests/dist_worker.py OUT.pt [--multi-positive]`: each rank takes its
-slice of one fixed global batch, runs a DDP step's forward and backward, and rank 0 saves the mean loss and
-the (DDP-averaged) gradients. test_distributed.py compares them with one process on the whole batch."""
+"""Run under `torchrun --nproc_per_node=N tests/dist_worker.py OUT.pt [--multi-positive] [--accum-steps K]`: each
+rank takes its slice of one fixed global batch and runs cleft.train_step under DDP; rank 0 saves the mean loss
+and the (DDP-averaged) gradients. test_distributed.py compares them with one process on the whole batch."""
 import sys
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import cleft
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 
 
 def global_batch(size=8):
@@ -19,18 +20,16 @@ def global_batch(size=8):
     return images, captions[:size]
 
 
-def loss_and_grads(model, images, captions, multi_positive):
-    """One training step's loss and gradients for this rank's pairs (the same code as cleft.main)."""
+def loss_and_grads(model, images, captions, multi_positive=False, accum_steps=1):
+    """One training step's loss and gradients for this rank's pairs (cleft.train_step, as in cleft.main)."""
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     with torch.no_grad():  # LoRA B starts at zero; make every trainable tensor matter
         for p in raw.text_tower.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    image_features, text_features = model(images, captions)
-    ids = cleft.caption_ids(captions, "cpu") if multi_positive else None
-    loss = cleft.contrastive_loss(image_features, text_features, raw.logit_scale, ids)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in raw.named_parameters() if p.requires_grad}
+    cfg = tiny_config(multi_positive=multi_positive, accum_steps=accum_steps)
+    loss = cleft.train_step(model, images, captions, cfg, nullcontext())
+    return loss, {n: p.grad.clone() for n, p in raw.named_parameters() if p.requires_grad}
 
 
 if __name__ == "__main__":
@@ -40,7 +39,8 @@ if __name__ == "__main__":
     images, captions = global_batch()
     per_rank = len(captions) // world_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    loss, grads = loss_and_grads(model, images[mine], captions[mine], "--multi-positive" in sys.argv)
+    accum_steps = int(sys.argv[sys.argv.index("--accum-steps") + 1]) if "--accum-steps" in sys.argv else 1
+    loss, grads = loss_and_grads(model, images[mine], captions[mine], "--multi-positive" in sys.argv, accum_steps)
     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
     if rank == 0:
         torch.save({"loss": loss, "grads": grads}, sys.argv[1])

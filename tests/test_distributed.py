@@ -20,10 +20,12 @@ def torchrun(*args, nproc=2):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("multi_positive", [False, True])
-def test_two_processes_equal_one(tmp_path, multi_positive):
+@pytest.mark.parametrize("multi_positive, accum_steps", [(False, 1), (True, 1), (False, 2)])
+def test_two_processes_equal_one(tmp_path, multi_positive, accum_steps):
+    """With --accum-steps 2 each rank runs 2 micro-batches (gradient cache, DDP synchronised on the last)."""
     out = tmp_path / "two.pt"
-    result = torchrun(TESTS / "dist_worker.py", out, *(["--multi-positive"] if multi_positive else []))
+    flags = (["--multi-positive"] if multi_positive else []) + ["--accum-steps", str(accum_steps)]
+    result = torchrun(TESTS / "dist_worker.py", out, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(out, weights_only=True)
     images, captions = global_batch()
