@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -53,6 +54,7 @@ class Config:
     hflip: bool = field(default=False, metadata={"help": "random horizontal flips; off because laterality matters in chest X-rays"})
     max_length: int = field(default=64, metadata={"help": "caption tokens kept, EOS included (public code: 64); batches are padded only to their longest caption"})
     num_workers: int = field(default=4, metadata={"help": "data-loading processes per rank"})
+    strict_data: bool = field(default=False, metadata={"help": "stop at the first unreadable image instead of skipping it"})
     # model
     preset: str = field(default="", metadata={"help": "a named set of defaults, see PRESETS (explicit flags still win)", "choices": ["", "medclip-vit-l"]})
     text_model: str = field(default="stanford-crfm/BioMedLM", metadata={"help": "hub id, local save_pretrained directory, or 'tiny' / 'tiny-bert' (random, offline)"})
@@ -76,13 +78,14 @@ class Config:
     warmup_steps: int = field(default=4000, metadata={"help": "linear warm-up steps (paper: 4000)"})
     max_steps: int = field(default=40000, metadata={"help": "optimizer steps (paper: 40000)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0: off)"})
+    skip_nonfinite: bool = field(default=False, metadata={"help": "skip a step whose loss is NaN or infinite instead of stopping"})
     dtype: str = field(default="auto", metadata={"help": "auto = bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "bf16", "fp32"]})
     seed: int = field(default=42, metadata={"help": "seed for initialisation, data order and augmentation"})
     # bookkeeping
     eval_every: int = field(default=1000, metadata={"help": "validate, zero-shot and save every N steps (and at the end)"})
     log_every: int = field(default=50, metadata={"help": "one log line every N steps"})
     out_dir: str = field(default="runs/cleft", metadata={"help": "where last/, best/ and metrics.jsonl go"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/last/"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/last/ even if its config differs (with the same config it resumes anyway)"})
     dry_run: bool = field(default=False, metadata={"help": "build the model on the meta device, print its parameter table and exit (offline, seconds; the paper's models unless --text-model/--vision-model say otherwise)"})
 
     def __post_init__(self):
@@ -182,6 +185,15 @@ class GatherWithGrad(torch.autograd.Function):
         rank, world_size = world()
         rows = grad.shape[0] // world_size
         return grad[rank * rows:(rank + 1) * rows]
+
+
+def sum_over_ranks(number, device):
+    """The sum of a count over all ranks (all ranks call this); the count itself for one process."""
+    if world()[1] == 1:
+        return number
+    total = torch.tensor(number, device=device)
+    dist.all_reduce(total)
+    return total.item()
 
 
 def all_gather_rows(x):
@@ -342,7 +354,8 @@ def load_image(path, size, rng=None, hflip=False, affine=True):
 
 
 class XrayDataset(Dataset):
-    """(image path, target) records; item (index, augmentation seed or None) -> (image, target)."""
+    """(image path, target) records; item (index, augmentation seed or None) -> (image, target, skipped), where
+    skipped names the unreadable image the returned one stands in for ('' when there was none)."""
 
     def __init__(self, records, image_size, hflip=False, affine=True):
         self.records, self.image_size, self.hflip, self.affine = records, image_size, hflip, affine
@@ -353,12 +366,14 @@ class XrayDataset(Dataset):
 
     def __getitem__(self, item):
         index, aug_seed = item
+        skipped = ""
         for offset in range(len(self)):  # an unreadable image is skipped: the next one stands in, the batch stays full
             path, target = self.records[(index + offset) % len(self)]
             try:
                 return load_image(path, self.image_size, np.random.default_rng(aug_seed) if aug_seed else None,
-                                  self.hflip, self.affine), target
+                                  self.hflip, self.affine), target, skipped
             except (OSError, ValueError) as error:  # missing, truncated or corrupt
+                skipped = skipped or path
                 if path not in self.reported:
                     self.reported.add(path)
                     print(f"warning: skipping unreadable image {path} ({error})", file=sys.stderr, flush=True)
@@ -821,7 +836,7 @@ def trained_weights(model):
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(directory, model, optimizer, cfg, step, best_val_loss):
+def save_checkpoint(directory, model, optimizer, cfg, step, best_val_loss, progress=None):
     """Every rank calls this (the RNG states are gathered); rank 0 writes into a temporary folder and
     renames it into place, so a crash while saving leaves the previous checkpoint whole."""
     rank, world_size = world()
@@ -840,8 +855,8 @@ def save_checkpoint(directory, model, optimizer, cfg, step, best_val_loss):
     save_file(trained_weights(model), tmp / "model.safetensors")
     if cfg.peft != "none":
         model.text_tower.model.save_pretrained(tmp / "adapter")  # loadable by PeftModel.from_pretrained
-    torch.save({"step": step, "best_val_loss": best_val_loss, "optimizer": optimizer.state_dict(), "rng": rng_per_rank},
-               tmp / "state.pt")
+    torch.save({"step": step, "best_val_loss": best_val_loss, "optimizer": optimizer.state_dict(), "rng": rng_per_rank,
+                "progress": progress or {}}, tmp / "state.pt")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
@@ -857,6 +872,21 @@ def checkpoint_dir(directory):
     if not (directory / "model.safetensors").exists():
         die(f"no checkpoint in {directory}: pass the last/ or best/ folder of a finished cleft.py run.")
     return directory
+
+
+def load_state(directory):
+    """state.pt of a checkpoint: plain tensors and numbers only (weights_only=True: no pickled code can run)."""
+    path = checkpoint_dir(directory) / "state.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        die(f"{path} holds more than tensors and numbers, so it was refused unread ({str(error).splitlines()[0][:80]}): "
+            "resume only from checkpoints written by cleft.py.")
+
+
+def config_differences(saved, cfg, ignore=("resume", "num_workers", "log_every", "eval_every", "strict_data", "dry_run")):
+    """Names of the config fields (other than bookkeeping) in which `saved` and `cfg` differ."""
+    return [f.name for f in fields(Config) if f.name not in ignore and getattr(saved, f.name) != getattr(cfg, f.name)]
 
 
 def load_config(directory):
@@ -886,7 +916,7 @@ def load_model(directory, cfg=None):
 def validation_loss(model, loader, autocast):
     """Mean contrastive loss over the full global batches of the held-out split; the same on every rank."""
     losses = []
-    for images, captions in loader:
+    for images, captions, _ in loader:
         with autocast:
             image_features, text_features, _ = model(images.to(model.logit_scale.device), captions)
         losses.append(contrastive_loss(image_features, text_features, model.logit_scale))  # this rank's rows
@@ -903,7 +933,7 @@ def embed_images(model, loader, n, autocast, progress=False, encode=None):
     (default: the unit-length shared-space embedding, model.encode_image)."""
     device, encode = model.logit_scale.device, encode or model.encode_image
     features, labels = [], []
-    for images, targets in tqdm(loader, desc="image features", disable=not progress or world()[0] != 0, leave=False):
+    for images, targets, _ in tqdm(loader, desc="image features", disable=not progress or world()[0] != 0, leave=False):
         with autocast:
             features.append(all_gather_rows(encode(images.to(device)).float()))  # (B, D)
         labels.append(all_gather_rows(targets.to(device)))  # (B,)
@@ -941,18 +971,28 @@ def main(argv=None):
     prepare_demo(cfg)
     splits = load_splits(cfg)
     for name in ("train", "val"):
+        if not splits[name]:
+            die(f"the {name} split is empty after filtering (frontal views only, 5x200 patients excluded): check --data-root.")
         if len(splits[name]) < cfg.batch_size:
             die(f"the {name} split has {len(splits[name])} images, fewer than one global batch ({cfg.batch_size}): lower --batch-size.")
     print0(f"data: {len(splits['train'])} train, {len(splits['val'])} val, {len(splits['test'])} zero-shot test images")
-    out_dir = Path(cfg.out_dir)
+    # resume: asked for, or a run with the same config already in --out-dir (a restarted job picks up by itself)
+    out_dir, last = Path(cfg.out_dir), Path(cfg.out_dir) / "last"
+    found = any((d / "model.safetensors").exists() for d in (last, Path(f"{last}.old")))
+    if found and not cfg.resume:
+        differences = config_differences(load_config(last), cfg)
+        if differences:
+            die(f"{out_dir} holds a run with a different config ({', '.join(differences[:5])}): pass --resume to continue "
+                "it with these flags, or choose another --out-dir.")
+    resume = cfg.resume or found
     start_step, best_val_loss, state = 0, float("inf"), None
-    if cfg.resume:
-        state = torch.load(checkpoint_dir(out_dir / "last") / "state.pt", weights_only=True)
+    if resume:
+        state = load_state(last)
         start_step, best_val_loss = state["step"], state["best_val_loss"]
 
     # model and optimizer (the same seed on every rank: identical initial weights)
     torch.manual_seed(cfg.seed)
-    model = (load_model(out_dir / "last", cfg) if cfg.resume else CLEFT(cfg)).to(device)
+    model = (load_model(last, cfg) if resume else CLEFT(cfg)).to(device)
     optimizer = make_optimizer(model, cfg, device)
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -961,7 +1001,7 @@ def main(argv=None):
         torch.set_rng_state(rng["torch"])
         if device.type == "cuda" and len(rng["cuda"]):
             torch.cuda.set_rng_state(rng["cuda"])
-        print0(f"resumed from {out_dir / 'last'} at step {start_step}")
+        print0(f"resumed from {last} at step {start_step}")
     else:
         torch.manual_seed(cfg.seed + rank)  # different dropout on each rank
     for name, count in count_parameters(model).items():
@@ -978,9 +1018,14 @@ def main(argv=None):
     test_set = XrayDataset(splits["test"], cfg.image_size)
     test_loader = make_loader(test_set, eval_batches(len(test_set), cfg.batch_size, pad=True), cfg, device)
 
-    if master:
+    if master:  # on resume, drop what was logged after the checkpoint: those steps run again
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = open(out_dir / "metrics.jsonl", "a" if cfg.resume else "w")
+        kept = []
+        if resume and (out_dir / "metrics.jsonl").exists():
+            kept = [line for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+        metrics = open(out_dir / "metrics.jsonl", "w")
+        metrics.write("".join(line + "\n" for line in kept))
 
     progress = tqdm(total=cfg.max_steps, initial=start_step, disable=not master, dynamic_ncols=True, desc="train")
 
@@ -990,22 +1035,29 @@ def main(argv=None):
             metrics.flush()
             progress.write(line)
 
-    timer, timed_steps, loss_sum = time.time(), 0, 0.0
+    counters = state["progress"] if state else {}
+    loss_sum, nonfinite = counters.get("loss_sum", 0.0), counters.get("nonfinite", 0)
+    skipped = counters.get("skipped", 0) if master else 0  # each rank counts its own; the saved count is their sum
+    timer, timed_steps = time.time(), 0
+    if resume and start_step == cfg.max_steps:
+        print0(f"{last} is already at step {cfg.max_steps}: nothing to do (raise --max-steps to train on)")
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
+        resumed_here = resume and step == start_step  # this step's evaluation and checkpoint are the ones resumed from
 
         # evaluate and save every eval_every steps and at the end (all ranks take part)
-        if (step % cfg.eval_every == 0 and not (cfg.resume and step == start_step)) or last_step:
+        if (step % cfg.eval_every == 0 or last_step) and not resumed_here:
             model.eval()
             record = {"step": step, "val_loss": validation_loss(raw_model, val_loader, autocast)}
             if len(test_set):
                 record["zero_shot_acc"] = zero_shot_accuracy(raw_model, test_loader, len(test_set), FIVE_CLASSES, autocast)
             model.train()
             log(record, " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            counters = {"loss_sum": loss_sum, "skipped": sum_over_ranks(skipped, device), "nonfinite": nonfinite}
             if record["val_loss"] < best_val_loss:  # NaN never compares smaller: best/ is never replaced by it
                 best_val_loss = record["val_loss"]
-                save_checkpoint(out_dir / "best", raw_model, optimizer, cfg, step, best_val_loss)
-            save_checkpoint(out_dir / "last", raw_model, optimizer, cfg, step, best_val_loss)
+                save_checkpoint(out_dir / "best", raw_model, optimizer, cfg, step, best_val_loss, counters)
+            save_checkpoint(last, raw_model, optimizer, cfg, step, best_val_loss, counters)
             timer, timed_steps = time.time(), 0  # evaluation time is not training throughput
         if last_step:
             break
@@ -1014,21 +1066,32 @@ def main(argv=None):
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, captions = next(train_loader)
+        images, captions, unreadable = next(train_loader)
+        unreadable = [path for path in unreadable if path]
+        if unreadable and cfg.strict_data:
+            die(f"unreadable image {unreadable[0]} at step {step} (--strict-data): fix or remove it, or drop --strict-data to skip such images.")
+        skipped += len(unreadable)
         loss = train_step(model, images.to(device, non_blocking=True), captions, cfg, autocast)
+
+        # every rank learns the mean loss (one scalar), so a non-finite one stops, or is skipped by, all of them
+        if world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        loss = loss.item()
+        if not math.isfinite(loss):
+            if not cfg.skip_nonfinite:
+                die(f"the loss became {loss} at step {step}; no update was made and {last} holds the last good "
+                    "weights: lower --lr, or pass --skip-nonfinite to skip such steps.")
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite += 1
+            print0(f"warning: the loss became {loss} at step {step}; the step was skipped (--skip-nonfinite)")
+            progress.update(1)
+            continue
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             raw_model.logit_scale.clamp_(0, math.log(100))  # CLIP: the scale never exceeds 100
-
-        # every rank learns the mean loss (one scalar): a non-finite loss stops all of them together
-        if world_size > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        loss = loss.item()
-        if not math.isfinite(loss):
-            die(f"the loss became {loss} at step {step}; {out_dir / 'last'} holds the last good weights: lower --lr.")
         loss_sum, timed_steps = loss_sum + loss, timed_steps + 1
         progress.update(1)
         if (step + 1) % cfg.log_every == 0:
@@ -1039,6 +1102,9 @@ def main(argv=None):
                         f"scale {record['logit_scale']:.1f} | {record['images_per_s']:.0f} img/s")
             timer, timed_steps, loss_sum = time.time(), 0, 0.0
     progress.close()
+    skipped = sum_over_ranks(skipped, device)
+    if skipped or nonfinite:
+        print0(f"skipped during training: {skipped} unreadable image(s) (warnings above), {nonfinite} non-finite step(s)")
     print0(f"done: best validation loss {best_val_loss:.4f}; checkpoints in {out_dir}/best and {out_dir}/last")
     if world_size > 1:
         dist.destroy_process_group()

@@ -331,7 +331,7 @@ def fine_tune(model, data, cfg, device, autocast, train):
     val_loader = make_loader(XrayDataset(data.splits["val"], image_size), eval_batches(len(data.splits["val"]), 64, pad=True), cfg, device)
 
     def batch_loss(step):
-        images, labels = next(loader)
+        images, labels, _ = next(loader)
         with autocast:
             logits = classify(images.to(device))
         return F.cross_entropy(logits, labels.to(device))

@@ -115,9 +115,10 @@ def test_unreadable_images_are_skipped(tmp_path, capsys):
     (tmp_path / "truncated.jpg").write_bytes((tmp_path / "good.jpg").read_bytes()[:200])
     dataset = cleft.XrayDataset([(str(tmp_path / "missing.jpg"), "a"), (str(tmp_path / "truncated.jpg"), "b"),
                                  (str(tmp_path / "good.jpg"), "c")], image_size=32)
-    for index in (0, 1):
-        image, caption = dataset[(index, None)]
+    for index, skipped in [(0, "missing.jpg"), (1, "truncated.jpg"), (2, "")]:
+        image, caption, unreadable = dataset[(index, None)]
         assert caption == "c" and image.shape == (3, 32, 32)  # the next readable item stands in
+        assert unreadable == (str(tmp_path / skipped) if skipped else "")  # and the first skipped one is named
     errors = capsys.readouterr().err
     assert "missing.jpg" in errors and "truncated.jpg" in errors
 
