@@ -1035,7 +1035,7 @@ def main(argv=None):
             metrics.flush()
             progress.write(line)
 
-    counters = state["progress"] if state else {}
+    counters = state.get("progress", {}) if state else {}  # absent from checkpoints of older versions
     loss_sum, nonfinite = counters.get("loss_sum", 0.0), counters.get("nonfinite", 0)
     skipped = counters.get("skipped", 0) if master else 0  # each rank counts its own; the saved count is their sum
     timer, timed_steps = time.time(), 0

@@ -218,3 +218,13 @@ def test_no_token_and_no_remote_code_in_the_sources():
         text = path.read_text()
         assert not re.search(r"hf_[A-Za-z0-9]{30,}", text), path  # no access token committed
         assert "trust_remote_code=True" not in text, path
+
+
+def test_a_checkpoint_without_progress_counters_still_resumes(demo_root, tmp_path):
+    """Checkpoints written before state.pt held the log and skip counters resume too."""
+    cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "2", "--eval-every", "2", *FAST])
+    state = torch.load(tmp_path / "last" / "state.pt", weights_only=True)
+    del state["progress"]
+    torch.save(state, tmp_path / "last" / "state.pt")
+    cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "4", "--eval-every", "2", "--resume", *FAST])
+    assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 4
