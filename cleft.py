@@ -555,18 +555,21 @@ ARCHITECTURES = {
 
 
 def model_config(name, kind):
-    """The architecture of model `name`: the real config (hub or local directory), or, when that cannot be
-    reached, the copy in ARCHITECTURES."""
+    """The architecture of model `name`: 'tiny' ones from ARCHITECTURES; others from the hub or a local
+    directory, falling back to the copy in ARCHITECTURES when that cannot be reached."""
     from transformers import AutoConfig
-    key = f"{name} {kind}" if name.startswith("tiny") else name
-    if key not in ARCHITECTURES or not name.startswith("tiny"):
+    if name.startswith("tiny"):
+        name = f"{name} {kind}"
+        if name not in ARCHITECTURES:
+            die(f"there is no {name} model: use --{kind}-model tiny" + (" or tiny-bert." if kind == "text" else "."))
+    else:
         try:
             return AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as error:
-            if key not in ARCHITECTURES:
+            if name not in ARCHITECTURES:
                 die(f"cannot read the config of '{name}' ({str(error).splitlines()[0]}): download it once with network "
                     "access (or unset HF_HUB_OFFLINE), or pass a local save_pretrained directory.")
-    model_type, kwargs = ARCHITECTURES[key]
+    model_type, kwargs = ARCHITECTURES[name]
     return AutoConfig.for_model(model_type, **kwargs)
 
 
