@@ -25,7 +25,8 @@ import re
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -53,7 +54,8 @@ class Config:
     augment: str = field(default="cleft", metadata={"help": "training views: cleft = mild zoom, rotation, shift and brightness/contrast jitter; clip = centre crop with brightness/contrast jitter", "choices": ["cleft", "clip"]})
     hflip: bool = field(default=False, metadata={"help": "random horizontal flips; off because laterality matters in chest X-rays"})
     max_length: int = field(default=64, metadata={"help": "caption tokens kept, EOS included (public code: 64); batches are padded only to their longest caption"})
-    num_workers: int = field(default=4, metadata={"help": "data-loading processes per rank"})
+    num_workers: int = field(default=-1, metadata={"help": "data-loading processes per rank (-1: the node's CPU cores shared among its ranks, less one for each rank's own process)"})
+    image_cache: str = field(default="", metadata={"help": "folder for a small decoded copy of each image, written on first read: later epochs skip the full-resolution decode (about 120 KB an image at 224 px; same results)"})
     strict_data: bool = field(default=False, metadata={"help": "stop at the first unreadable image instead of skipping it"})
     # model
     preset: str = field(default="", metadata={"help": "a named set of defaults, see PRESETS (explicit flags still win)", "choices": ["", "medclip-vit-l"]})
@@ -308,10 +310,6 @@ def load_splits(cfg, val_fraction=0.05):
             "test": [(r["image"], five_class_index(r)) for r in splits["test"]]}
 
 
-IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # DINOv2 was trained on ImageNet statistics
-IMAGE_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
 def read_dicom(path):
     """A DICOM file as an 8-bit grayscale PIL image: scaled by its maximum, MONOCHROME1 inverted (RSNA)."""
     import pydicom  # optional: only DICOM datasets need it
@@ -323,16 +321,49 @@ def read_dicom(path):
     return Image.fromarray((pixels * 255).astype(np.uint8))
 
 
-def load_image(path, size, rng=None, hflip=False, affine=True):
-    """An X-ray as a normalised (3, size, size) tensor. The shorter side is scaled to `size` and the rest
-    cropped (aspect ratio kept). rng=None gives the deterministic centre view used for evaluation; an rng
-    gives a random training view: brightness and contrast, plus (affine=True) a mild zoom, rotation and shift."""
+def decode_xray(path, size):
+    """The image at `path` as 8-bit grayscale, shrunk by a whole factor while its shorter side stays >= size:
+    a JPEG is decoded at 1/2, 1/4 or 1/8 scale (draft mode), any other image is box-reduced after decoding."""
     if str(path).lower().endswith(".dcm"):
         image = read_dicom(path)
     else:
         with Image.open(path) as image:
-            image.draft("L", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below `size`
+            image.draft("L", (size, size))
             image = image.convert("L")
+    factor = min(image.size) // size
+    return image.reduce(factor) if factor > 1 else image
+
+
+def cached_xray(path, size, cache):
+    """decode_xray through a folder of .npy files: the first read of an image stores its small decoded copy
+    (about 120 KB for a 224 px input), later reads load it and skip the full-resolution decode. The entry is
+    keyed by path, size and modification time, and written atomically, so workers and ranks can share it."""
+    stat = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{size}".encode()).hexdigest()
+    file = Path(cache, key[:2], key + ".npy")
+    try:
+        return Image.fromarray(np.load(file, allow_pickle=False))
+    except (OSError, ValueError, EOFError):  # not cached yet, or a damaged entry: decode, store
+        image = decode_xray(path, size)
+    temp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with open(temp, "wb") as f:
+            np.save(f, np.asarray(image))
+        os.replace(temp, file)
+    except OSError as error:  # a full or read-only disk costs speed, never an image (warned once per process)
+        warnings.warn(f"cannot write to the image cache {cache} ({error.strerror}): images are decoded without it")
+        with suppress(OSError):
+            temp.unlink()  # a partly written entry
+    return image
+
+
+def load_image(path, size, rng=None, hflip=False, affine=True, cache=""):
+    """An X-ray as a (1, size, size) float tensor in [0, 1]; the image tower normalises it. The shorter side is
+    scaled to `size` and the rest cropped (aspect ratio kept). rng=None gives the deterministic centre view used
+    for evaluation; an rng gives a random training view: brightness and contrast, plus (affine=True) a mild
+    zoom, rotation and shift. cache: a folder for cached_xray ('' = decode every time)."""
+    image = cached_xray(path, size, cache) if cache else decode_xray(path, size)
     affine = affine and rng is not None
     zoom = rng.uniform(1.0, 1.15) if affine else 1.0
     scale = size * zoom / min(image.size)
@@ -349,16 +380,15 @@ def load_image(path, size, rng=None, hflip=False, affine=True):
         pixels = np.clip((pixels - mean) * rng.uniform(0.8, 1.2) + mean * rng.uniform(0.8, 1.2), 0, 1)
         if hflip and rng.random() < 0.5:
             pixels = pixels[:, ::-1]
-    gray = torch.from_numpy(np.ascontiguousarray(pixels))  # (S, S)
-    return (gray.expand(3, size, size) - IMAGE_MEAN) / IMAGE_STD  # (3, S, S): gray copied to 3 channels
+    return torch.from_numpy(np.ascontiguousarray(pixels))[None]  # (1, S, S); one channel is a third of the IPC
 
 
 class XrayDataset(Dataset):
     """(image path, target) records; item (index, augmentation seed or None) -> (image, target, skipped), where
     skipped names the unreadable image the returned one stands in for ('' when there was none)."""
 
-    def __init__(self, records, image_size, hflip=False, affine=True):
-        self.records, self.image_size, self.hflip, self.affine = records, image_size, hflip, affine
+    def __init__(self, records, image_size, hflip=False, affine=True, cache=""):
+        self.records, self.image_size, self.hflip, self.affine, self.cache = records, image_size, hflip, affine, cache
         self.reported = set()
 
     def __len__(self):
@@ -371,7 +401,7 @@ class XrayDataset(Dataset):
             path, target = self.records[(index + offset) % len(self)]
             try:
                 return load_image(path, self.image_size, np.random.default_rng(aug_seed) if aug_seed else None,
-                                  self.hflip, self.affine), target, skipped
+                                  self.hflip, self.affine, self.cache), target, skipped
             except (OSError, ValueError) as error:  # missing, truncated or corrupt
                 skipped = skipped or path
                 if path not in self.reported:
@@ -414,9 +444,13 @@ def eval_batches(n, batch_size, pad):
 
 
 def make_loader(dataset, batches, cfg, device, persistent=False):
+    workers = cfg.num_workers
+    if workers < 0:  # every core of the node at work: decoding is the input pipeline's cost
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
     # its own generator: starting a loader then leaves the global RNG (dropout) alone, so resumes replay exactly
-    return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=persistent and cfg.num_workers > 0, generator=torch.Generator())
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=persistent and workers > 0, generator=torch.Generator())
 
 
 def render_xray(findings, rng, height=160, width=128):
@@ -596,6 +630,10 @@ def enable_checkpointing(model):
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # DINOv2 was trained on ImageNet statistics
+IMAGE_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
 class ImageTower(nn.Module):
     """DINOv2; the image feature is the mean of the last block's tokens, final layer norm removed (paper)."""
 
@@ -609,8 +647,9 @@ class ImageTower(nn.Module):
         if cfg.grad_checkpointing:
             enable_checkpointing(self.model)
 
-    def forward(self, images):  # (B, 3, S, S) -> (B, width)
-        return self.model(pixel_values=images).last_hidden_state.mean(dim=1)
+    def forward(self, images):  # (B, 1 or 3, S, S) pixels in [0, 1] -> (B, width)
+        pixels = (images.expand(-1, 3, -1, -1) - IMAGE_MEAN.to(images.device)) / IMAGE_STD.to(images.device)
+        return self.model(pixel_values=pixels).last_hidden_state.mean(dim=1)
 
 
 def peft_config(cfg):
@@ -686,7 +725,7 @@ class CLEFT(nn.Module):
         self.text_projection = nn.Linear(self.text_tower.width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature 0.07 (CLIP)
 
-    def encode_image(self, images):  # (B, 3, S, S) -> (B, D), unit length, fp32
+    def encode_image(self, images):  # (B, 1 or 3, S, S) in [0, 1] -> (B, D), unit length, fp32
         return F.normalize(self.image_projection(self.image_tower(images)).float(), dim=-1)
 
     def encode_text(self, captions):  # B strings -> (B, D), unit length, fp32
@@ -887,7 +926,7 @@ def load_state(directory):
             "resume only from checkpoints written by cleft.py.")
 
 
-def config_differences(saved, cfg, ignore=("resume", "num_workers", "log_every", "eval_every", "strict_data", "dry_run")):
+def config_differences(saved, cfg, ignore=("resume", "num_workers", "image_cache", "log_every", "eval_every", "strict_data", "dry_run")):
     """Names of the config fields (other than bookkeeping) in which `saved` and `cfg` differ."""
     return [f.name for f in fields(Config) if f.name not in ignore and getattr(saved, f.name) != getattr(cfg, f.name)]
 
@@ -979,6 +1018,10 @@ def main(argv=None):
         if len(splits[name]) < cfg.batch_size:
             die(f"the {name} split has {len(splits[name])} images, fewer than one global batch ({cfg.batch_size}): lower --batch-size.")
     print0(f"data: {len(splits['train'])} train, {len(splits['val'])} val, {len(splits['test'])} zero-shot test images")
+    with suppress(OSError), Image.open(splits["train"][0][0]) as first:  # the header only
+        if not cfg.image_cache and min(first.size) >= 4 * cfg.image_size:
+            print0(f"tip: these images are large ({first.width} x {first.height}); with --image-cache DIR each is decoded "
+                   "once and later epochs read a small copy, many times faster (README, Performance)")
     # resume: asked for, or a run with the same config already in --out-dir (a restarted job picks up by itself)
     out_dir, last = Path(cfg.out_dir), Path(cfg.out_dir) / "last"
     found = any((d / "model.safetensors").exists() for d in (last, Path(f"{last}.old")))
@@ -1013,12 +1056,12 @@ def main(argv=None):
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_set = XrayDataset(splits["train"], cfg.image_size, cfg.hflip, affine=cfg.augment == "cleft")
+    train_set = XrayDataset(splits["train"], cfg.image_size, cfg.hflip, cfg.augment == "cleft", cfg.image_cache)
     train_batches = TrainBatches(len(train_set), cfg.batch_size, cfg.seed, start_step)
     train_loader = iter(make_loader(train_set, train_batches, cfg, device, persistent=True))
-    val_set = XrayDataset(splits["val"], cfg.image_size)
+    val_set = XrayDataset(splits["val"], cfg.image_size, cache=cfg.image_cache)
     val_loader = make_loader(val_set, eval_batches(len(val_set), cfg.batch_size, pad=False), cfg, device)
-    test_set = XrayDataset(splits["test"], cfg.image_size)
+    test_set = XrayDataset(splits["test"], cfg.image_size, cache=cfg.image_cache)
     test_loader = make_loader(test_set, eval_batches(len(test_set), cfg.batch_size, pad=True), cfg, device)
 
     if master:  # on resume, drop what was logged after the checkpoint: those steps run again

@@ -52,7 +52,7 @@ class EvalConfig:
     max_steps: int = field(default=8000, metadata={"help": "linear probe / fine-tune steps (paper: 8000)"})
     eval_every: int = field(default=500, metadata={"help": "validate every N steps; the best validation loss is tested"})
     seed: int = field(default=0, metadata={"help": "seed for the head, the batches and the --data-pct subset"})
-    num_workers: int = field(default=4, metadata={"help": "data-loading processes"})
+    num_workers: int = field(default=-1, metadata={"help": "data-loading processes (-1: the CPU cores, less one)"})
     dtype: str = field(default="auto", metadata={"help": "auto = bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "bf16", "fp32"]})
     out: str = field(default="", metadata={"help": "results file (default: CKPT/results_DATA.json)"})
 
@@ -256,7 +256,8 @@ def recall_at_k(similarity, relevant, ks=(1, 5, 10)):
 
 def features_of(model, records, cfg, device, autocast, encode=None):
     """(features, labels) of (path, class) records, evaluation view, computed once."""
-    loader = make_loader(XrayDataset(records, load_config(cfg.ckpt).image_size), eval_batches(len(records), 64, pad=True), cfg, device)
+    stage1 = load_config(cfg.ckpt)  # its input size, and its --image-cache
+    loader = make_loader(XrayDataset(records, stage1.image_size, cache=stage1.image_cache), eval_batches(len(records), 64, pad=True), cfg, device)
     features, labels = embed_images(model, loader, len(records), autocast, progress=True, encode=encode)
     return features, labels.cpu().numpy()
 
@@ -325,10 +326,12 @@ def fine_tune(model, data, cfg, device, autocast, train):
     torch.manual_seed(cfg.seed)
     head = nn.Linear(tower.width, len(data.classes)).to(device)
     classify = lambda images: head(tower(images).float())  # (B, C) logits in fp32
-    image_size = load_config(cfg.ckpt).image_size
+    stage1 = load_config(cfg.ckpt)
     batch = min(cfg.batch_size, len(train))
-    loader = iter(make_loader(XrayDataset(train, image_size), TrainBatches(len(train), batch, cfg.seed), cfg, device, persistent=True))
-    val_loader = make_loader(XrayDataset(data.splits["val"], image_size), eval_batches(len(data.splits["val"]), 64, pad=True), cfg, device)
+    train_set = XrayDataset(train, stage1.image_size, cache=stage1.image_cache)
+    val_set = XrayDataset(data.splits["val"], stage1.image_size, cache=stage1.image_cache)
+    loader = iter(make_loader(train_set, TrainBatches(len(train), batch, cfg.seed), cfg, device, persistent=True))
+    val_loader = make_loader(val_set, eval_batches(len(val_set), 64, pad=True), cfg, device)
 
     def batch_loss(step):
         images, labels, _ = next(loader)

@@ -47,7 +47,7 @@ class PromptConfig:
     log_every: int = field(default=50, metadata={"help": "one log line every N steps"})
     dtype: str = field(default="auto", metadata={"help": "auto = bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "bf16", "fp32"]})
     seed: int = field(default=42, metadata={"help": "seed for the random context tokens and the batches"})
-    num_workers: int = field(default=4, metadata={"help": "data-loading processes per rank (image features)"})
+    num_workers: int = field(default=-1, metadata={"help": "data-loading processes per rank, for the image features (-1: as in cleft.py)"})
     out: str = field(default="", metadata={"help": "output file (default: CKPT/prompt.safetensors); a .jsonl log goes beside it"})
 
 
@@ -174,11 +174,11 @@ def main(argv=None):
 
     # both encoders frozen: every rank embeds its share of the images once, then all ranks hold all features
     model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
-    image_size = load_config(cfg.ckpt).image_size
+    stage1 = load_config(cfg.ckpt)  # its input size, and its --image-cache
     features = {}
     for name, records in splits.items():
         if records:
-            loader = make_loader(XrayDataset(records, image_size), eval_batches(len(records), 32 * world_size, pad=True), cfg, device)
+            loader = make_loader(XrayDataset(records, stage1.image_size, cache=stage1.image_cache), eval_batches(len(records), 32 * world_size, pad=True), cfg, device)
             features[name] = embed_images(model, loader, len(records), autocast, progress=True)  # (n, D), (n,)
 
     torch.manual_seed(cfg.seed)  # the random context tokens: the same on every rank

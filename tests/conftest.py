@@ -34,8 +34,8 @@ def tiny_model(**overrides):
 
 @pytest.fixture(scope="session")
 def stage1_ckpt(demo_root, tmp_path_factory):
-    """A stage-1 checkpoint from a short run on the small demo."""
+    """A stage-1 checkpoint from a short run on the small demo (with an image cache, which stages 2 and 3 reuse)."""
     out = tmp_path_factory.mktemp("stage1")
     cleft.main(["--data-root", str(demo_root), "--out-dir", str(out), "--max-steps", "4", "--eval-every", "4",
-                "--batch-size", "8", "--num-workers", "0"])
+                "--batch-size", "8", "--num-workers", "0", "--image-cache", str(out / "cache")])
     return out / "best"

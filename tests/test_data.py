@@ -1,6 +1,7 @@
 """CheXpert parsing (captions, frontal filter, uncertain/blank labels, patient split, 5x200 rule and
 exclusion), the pairs CSV, image loading, unreadable images, and the samplers."""
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +94,8 @@ def test_load_image_keeps_aspect_and_is_deterministic_for_eval(tmp_path):
     pixels[:, 300:] = 255
     Image.fromarray(pixels).save(tmp_path / "wide.png")
     image = cleft.load_image(tmp_path / "wide.png", 64)
-    assert image.shape == (3, 64, 64)
-    gray = image[0] * cleft.IMAGE_STD[0] + cleft.IMAGE_MEAN[0]  # undo the normalisation
+    assert image.shape == (1, 64, 64)
+    gray = image[0]
     assert gray[:, :30].max() < 0.05 and gray[:, 34:].min() > 0.95  # not squashed: one edge, in the centre
     torch.testing.assert_close(image, cleft.load_image(tmp_path / "wide.png", 64))
     augmented = [cleft.load_image(tmp_path / "wide.png", 64, np.random.default_rng(s)) for s in (1, 2)]
@@ -107,7 +108,50 @@ def test_large_jpeg_is_decoded_reduced(tmp_path):
     with Image.open(tmp_path / "big.jpg") as image:
         image.draft("L", (224, 224))
         assert image.size == (300, 350)  # decoded at 1/8 scale, still above 224
-    assert cleft.load_image(tmp_path / "big.jpg", 224).shape == (3, 224, 224)
+    assert cleft.load_image(tmp_path / "big.jpg", 224).shape == (1, 224, 224)
+
+
+def test_other_formats_are_reduced_by_a_whole_factor(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1300, 1000), dtype=np.uint8)).save(tmp_path / "big.png")
+    assert cleft.decode_xray(tmp_path / "big.png", 224).size == (250, 325)  # 1000 // 224 = 4
+    assert cleft.decode_xray(tmp_path / "big.png", 600).size == (1000, 1300)  # no whole factor keeps 600
+
+
+def test_image_cache_gives_the_same_views_without_decoding_again(tmp_path, monkeypatch):
+    path, cache = tmp_path / "big.jpg", tmp_path / "cache"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1000), dtype=np.uint8)).save(path)
+    views = lambda **kw: [cleft.load_image(path, 64, **kw), cleft.load_image(path, 64, np.random.default_rng(3), **kw)]
+    expected = views()
+    first = views(cache=cache)  # decodes and stores
+    entries = list(cache.glob("*/*.npy"))
+    assert len(entries) == 1 and np.load(entries[0]).shape == (150, 125)  # the 1/8-scale decode, not the full image
+    with monkeypatch.context() as patched:
+        patched.setattr(cleft, "decode_xray", lambda *args: pytest.fail("decoded although cached"))
+        second = views(cache=cache)
+    for a, b, c in zip(expected, first, second):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # a damaged entry is decoded again and replaced
+    assert torch.equal(cleft.load_image(path, 64, cache=cache), expected[0])
+    assert np.load(entries[0]).shape == (150, 125)
+
+    Image.fromarray(np.zeros((1200, 1000), np.uint8)).save(path)  # a changed file is never served stale
+    assert cleft.load_image(path, 64, cache=cache).abs().max() == 0 and len(list(cache.glob("*/*.npy"))) == 2
+
+
+def test_an_unwritable_image_cache_costs_speed_not_images(tmp_path):
+    Image.fromarray(np.full((80, 80), 200, np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    with pytest.warns(UserWarning, match="cannot write to the image cache"):
+        image = cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache")
+    torch.testing.assert_close(image, cleft.load_image(tmp_path / "a.png", 64))
+
+
+def test_worker_count_shares_the_cores_among_the_ranks_of_a_node(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    loader = lambda workers: cleft.make_loader([], [], cleft.Config(num_workers=workers), torch.device("cpu"))
+    assert loader(-1).num_workers == 7 and loader(3).num_workers == 3  # 16 cores / 2 ranks, one left for each rank
 
 
 def test_unreadable_images_are_skipped(tmp_path, capsys):
@@ -117,7 +161,7 @@ def test_unreadable_images_are_skipped(tmp_path, capsys):
                                  (str(tmp_path / "good.jpg"), "c")], image_size=32)
     for index, skipped in [(0, "missing.jpg"), (1, "truncated.jpg"), (2, "")]:
         image, caption, unreadable = dataset[(index, None)]
-        assert caption == "c" and image.shape == (3, 32, 32)  # the next readable item stands in
+        assert caption == "c" and image.shape == (1, 32, 32)  # the next readable item stands in
         assert unreadable == (str(tmp_path / skipped) if skipped else "")  # and the first skipped one is named
     errors = capsys.readouterr().err
     assert "missing.jpg" in errors and "truncated.jpg" in errors

@@ -56,10 +56,11 @@ def test_sigkill_then_resume_is_bit_identical(demo_root, tmp_path):
     common = ["--data-root", demo_root, "--max-steps", 14, "--eval-every", 5, "--warmup-steps", 3, *FAST, "--log-every", 2]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     finish(start([*common, "--out-dir", straight]))
-    process = start([*common, "--out-dir", killed])
+    cached = [*common, "--out-dir", killed, "--image-cache", tmp_path / "cache"]  # the cache changes no result
+    process = start(cached)
     kill_after(process, killed / "metrics.jsonl", 8)  # after the checkpoint at step 5, before the one at 10
     assert torch.load(killed / "last" / "state.pt", weights_only=True)["step"] in (5, 10)
-    stdout = finish(start([*common, "--out-dir", killed]))  # no --resume: same config, so it picks up by itself
+    stdout = finish(start(cached))  # no --resume: same config, so it picks up by itself
     assert "resumed from" in stdout
     a, b = load_file(straight / "last" / "model.safetensors"), load_file(killed / "last" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

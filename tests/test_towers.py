@@ -92,7 +92,8 @@ def test_image_feature_is_mean_of_tokens_without_final_norm():
     tower = cleft.ImageTower(tiny_config()).eval()
     images = torch.randn(2, 3, 112, 112)
     model = tower.model
-    tokens = model.encoder(model.embeddings(images)).last_hidden_state  # the last block's output, before any norm
+    pixels = (images - cleft.IMAGE_MEAN) / cleft.IMAGE_STD  # ImageNet statistics, per channel
+    tokens = model.encoder(model.embeddings(pixels)).last_hidden_state  # the last block's output, before any norm
     torch.testing.assert_close(tower(images), tokens.mean(dim=1))
     assert isinstance(model.layernorm, torch.nn.Identity)
 
