@@ -34,17 +34,17 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def timed(fn, repeats, warmup=1):
-    """Seconds per call of fn, after warm-up calls."""
+    """Seconds per call of fn: the median of `repeats` calls after warm-up calls (a shared machine's hiccups
+    move a mean, not a median)."""
+    def once():
+        start = time.perf_counter()
+        fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
     for _ in range(warmup):
-        fn()
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+        once()
+    return float(np.median([once() for _ in range(repeats)]))
 
 
 def table(title, header, rows):
@@ -75,10 +75,15 @@ def loader_rate(dataset, batch, batches, workers):
     """Images/s of the training loader as cleft.py builds it (worker processes, seeded training views)."""
     cfg = replace(cleft.parse_config([]), num_workers=workers)
     loader = iter(cleft.make_loader(dataset, cleft.TrainBatches(len(dataset), batch, 0), cfg, DEVICE, persistent=True))
-    return batch / timed(lambda: next(loader), batches, warmup=2)  # the warm-up starts the workers
+    for _ in range(2 * workers):  # the workers start, and the batches they prefetched are used up
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batch * batches / (time.perf_counter() - start)
 
 
-def input_pipeline(folder, n, workers, batch=36, batches=4):
+def input_pipeline(folder, n, workers, batch=36, batches=6):
     rows, loader_rows = [], []
     for name, (height, width) in [("full resolution", (3000, 2500)), ("small release", (390, 320))]:
         paths = [folder / f"{name[:4]}{i}.jpg" for i in range(n)]
@@ -87,11 +92,11 @@ def input_pipeline(folder, n, workers, batch=36, batches=4):
         cache = folder / f"cache-{name[:4]}"
         eval_view = lambda **kw: [cleft.load_image(p, 224, **kw) for p in paths]
         training_view = lambda **kw: [cleft.load_image(p, 224, np.random.default_rng(i), **kw) for i, p in enumerate(paths)]
-        base = n / timed(lambda: [baseline_load(p, 224) for p in paths], 2)
-        first = n / timed(eval_view, 2)
+        base = n / timed(lambda: [baseline_load(p, 224) for p in paths], 3)
+        first = n / timed(eval_view, 3)
         eval_view(cache=cache)  # the first epoch fills the cache
-        cached = n / timed(lambda: eval_view(cache=cache), 3)
-        cached_training = n / timed(lambda: training_view(cache=cache), 3)
+        cached = n / timed(lambda: eval_view(cache=cache), 5)
+        cached_training = n / timed(lambda: training_view(cache=cache), 5)
         rows.append([f"{name} ({width} x {height})", f"{base:.1f}", f"{first:.1f}", f"{cached:.1f}", f"{cached_training:.1f}",
                      f"{first / base:.1f}x", f"{cached / base:.1f}x"])
         records = [(str(p), "") for p in paths] * -(-batch // n)
@@ -188,7 +193,7 @@ def stage1(steps, batch):
                     cleft.train_step(model, images, captions, cfg, autocast)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                seconds = timed(step, steps)
+                seconds = timed(step, steps * (4 if label == "tiny" else 1))  # tiny steps are short: more of them
                 memory = peak_memory_mb(step)
                 mfu = model_flops(model, images, captions, cfg.max_length) / seconds / peak
                 rows.append([label, "on" if checkpointing else "off", text_handling, f"{1000 * seconds:.0f}",
