@@ -187,7 +187,7 @@ def stage1(steps, batch):
                 if text_handling == "public code":
                     model.text_tower.forward = lambda c, tower=model.text_tower: naive_text(tower, c)
                 optimizer = cleft.make_optimizer(model, cfg, DEVICE)
-                images = torch.randn(batch, 3, size, size, device=DEVICE)
+                images = torch.rand(batch, 1, size, size, device=DEVICE)  # as the loader hands them over
 
                 def step():
                     cleft.train_step(model, images, captions, cfg, autocast)
