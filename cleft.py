@@ -646,9 +646,12 @@ class ImageTower(nn.Module):
         self.width = self.model.config.hidden_size
         if cfg.grad_checkpointing:
             enable_checkpointing(self.model)
+        # buffers, so .to(device) moves them once (not a blocking copy every step); not in checkpoints
+        self.register_buffer("mean", IMAGE_MEAN.clone(), persistent=False)
+        self.register_buffer("std", IMAGE_STD.clone(), persistent=False)
 
     def forward(self, images):  # (B, 1 or 3, S, S) pixels in [0, 1] -> (B, width)
-        pixels = (images.expand(-1, 3, -1, -1) - IMAGE_MEAN.to(images.device)) / IMAGE_STD.to(images.device)
+        pixels = (images.expand(-1, 3, -1, -1) - self.mean) / self.std  # gray copied to 3 channels, normalised
         return self.model(pixel_values=pixels).last_hidden_state.mean(dim=1)
 
 

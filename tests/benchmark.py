@@ -162,11 +162,8 @@ def build(label, cfg):
     if label != "paper":
         with patch.dict(cleft.ARCHITECTURES, SIZES[label]):
             return cleft.CLEFT(cfg).to(DEVICE)
-    with torch.device("meta"):
+    with torch.device(DEVICE):  # the architectures from their stored configs, randomly initialised on the device
         model = cleft.CLEFT(replace(cfg, text_model="stanford-crfm/BioMedLM", vision_model="facebook/dinov2-base", dry_run=True))
-    model = model.to_empty(device=DEVICE)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
     model.text_tower.tokenizer = cleft.tiny_tokenizer()
     model.text_tower.eos_id = model.text_tower.pad_id = 256
     return model
