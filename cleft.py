@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext, suppress
@@ -345,16 +346,18 @@ def cached_xray(path, size, cache):
         return Image.fromarray(np.load(file, allow_pickle=False))
     except (OSError, ValueError, EOFError):  # not cached yet, or a damaged entry: decode, store
         image = decode_xray(path, size)
-    temp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    temp = None
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        with open(temp, "wb") as f:
+        with tempfile.NamedTemporaryFile(dir=file.parent, suffix=".tmp", delete=False) as f:  # a unique name, any host
+            temp = f.name
             np.save(f, np.asarray(image))
         os.replace(temp, file)
     except OSError as error:  # a full or read-only disk costs speed, never an image (warned once per process)
         warnings.warn(f"cannot write to the image cache {cache} ({error.strerror}): images are decoded without it")
-        with suppress(OSError):
-            temp.unlink()  # a partly written entry
+        if temp:
+            with suppress(OSError):
+                os.unlink(temp)  # a partly written entry
     return image
 
 

@@ -139,12 +139,20 @@ def test_image_cache_gives_the_same_views_without_decoding_again(tmp_path, monke
     assert cleft.load_image(path, 64, cache=cache).abs().max() == 0 and len(list(cache.glob("*/*.npy"))) == 2
 
 
-def test_an_unwritable_image_cache_costs_speed_not_images(tmp_path):
+def test_an_unwritable_image_cache_costs_speed_not_images(tmp_path, monkeypatch):
     Image.fromarray(np.full((80, 80), 200, np.uint8)).save(tmp_path / "a.png")
+    expected = cleft.load_image(tmp_path / "a.png", 64)
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     with pytest.warns(UserWarning, match="cannot write to the image cache"):
-        image = cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache")
-    torch.testing.assert_close(image, cleft.load_image(tmp_path / "a.png", 64))
+        torch.testing.assert_close(cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache"), expected)
+
+    def disk_full(file, array):
+        file.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "save", disk_full)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        torch.testing.assert_close(cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache2"), expected)
+    assert list((tmp_path / "cache2").rglob("*.*")) == []  # the partly written entry is gone
 
 
 def test_worker_count_shares_the_cores_among_the_ranks_of_a_node(monkeypatch):
