@@ -1,19 +1,23 @@
-"""
-Evaluate a CLEFT checkpoint as the paper does (Tables 1 and 2: zero-shot, linear probe, fine-tune, and
-data efficiency with 1%, 10% or 100% of the training split), plus image-text retrieval (its future work).
-Prints a Markdown table in the layout of the paper's Table 1 and writes results.json.
+"""Evaluate a CLEFT checkpoint as the paper does (Tables 1 and 2: zero-shot, linear probe,
+fine-tune, and data efficiency with 1%, 10% or 100% of the training split), plus image-text
+retrieval (its future work). Prints a Markdown table in the layout of the paper's Table 1 and
+writes results.json.
 
 Demo (after `python cleft.py` and `python prompt_tune.py --ckpt runs/demo/best`):
     python evaluate.py --ckpt runs/demo/best --prompt runs/demo/best/prompt.safetensors --task all
 The paper's datasets:
-    python evaluate.py --ckpt RUN/best --prompt RUN/best/prompt.safetensors --data chexpert5x200 --data-root /data/chexpert --task all
-    python evaluate.py --ckpt RUN/best --data rsna --data-root /data/rsna --task linear --data-pct 0.01
+    python evaluate.py --ckpt RUN/best --prompt RUN/best/prompt.safetensors \\
+        --data chexpert5x200 --data-root /data/chexpert --task all
+    python evaluate.py --ckpt RUN/best --data rsna --data-root /data/rsna --task linear \\
+        --data-pct 0.01
     python evaluate.py --ckpt RUN/best --data embed-birads --data-root /data/embed --task zeroshot
 """
 
 import copy
+import csv
 import json
 import os
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,62 +27,69 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches, XrayDataset, autocast_for, build_5x200,
-                   caption_from_labels, chexpert_rows, die, embed_images, eval_batches, load_config, load_model,
-                   make_loader, parse_config, prepare_demo, print0, read_csv, split_by_patient)
+import demo
+from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches, XrayDataset, arg,
+                   autocast_for, caption_from_labels, chexpert_rows, die, embed_images,
+                   eval_batches, five_class_index, load_config, load_model, make_loader,
+                   parse_config, print0, read_csv, split_by_patient)
 from prompt_tune import PromptLearner, labelled_splits, load_prompt, zero_shot_logits
 
-# -----------------------------------------------------------------------------
-# Config
-
+# --- Config
 DATASETS = ["demo", "chexpert5x200", "rsna", "embed-birads", "embed-density", "csv"]
 TASKS = ["zeroshot", "linear", "finetune", "retrieval"]
 
-
 @dataclass
 class EvalConfig:
-    ckpt: str = field(default="", metadata={"help": "stage-1 checkpoint folder, e.g. runs/cleft/best (required)"})
-    prompt: str = field(default="", metadata={"help": "stage-2 context file for zero-shot (default: the hand-written prompt)"})
-    data: str = field(default="demo", metadata={"help": "dataset", "choices": DATASETS})
-    data_root: str = field(default="", metadata={"help": "the dataset's folder, or the CSV file for --data csv"})
-    task: str = field(default="all", metadata={"help": "what to evaluate", "choices": TASKS + ["all"]})
-    data_pct: float = field(default=1.0, metadata={"help": "fraction of the training split for linear/finetune (1.0, 0.1, 0.01)"})
-    build_5x200: bool = field(default=False, metadata={"help": "build chexpert_5x200.csv from train.csv (GLoRIA rule, seed 0) when missing"})
-    classes: str = field(default="", metadata={"help": "--data csv: comma-separated class names, as in the label column"})
-    prompts: str = field(default="", metadata={"help": "--data csv: ';'-separated zero-shot prompts, one per class"})
-    batch_size: int = field(default=36, metadata={"help": "linear probe / fine-tune batch (paper: 36)"})
-    lr: float = field(default=5e-4, metadata={"help": "linear probe / fine-tune learning rate, AdamW (paper: 5e-4)"})
-    weight_decay: float = field(default=1e-3, metadata={"help": "linear probe / fine-tune weight decay (paper: 1e-3)"})
-    max_steps: int = field(default=8000, metadata={"help": "linear probe / fine-tune steps (paper: 8000)"})
-    eval_every: int = field(default=500, metadata={"help": "validate every N steps; the best validation loss is tested"})
-    seed: int = field(default=0, metadata={"help": "seed for the head, the batches and the --data-pct subset"})
-    num_workers: int = field(default=-1, metadata={"help": "data-loading processes (-1: the CPU cores, less one)"})
-    dtype: str = field(default="auto", metadata={"help": "auto = bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "bf16", "fp32"]})
-    out: str = field(default="", metadata={"help": "results file (default: CKPT/results_DATA.json)"})
+    ckpt: str = arg("", "stage-1 checkpoint folder, e.g. runs/cleft/best (required)")
+    prompt: str = arg("", "stage-2 context file for zero-shot (default: the hand-written prompt)")
+    data: str = arg("demo", "dataset", DATASETS)
+    data_root: str = arg("", "the dataset's folder, or the CSV file for --data csv")
+    task: str = arg("all", "what to evaluate", TASKS + ["all"])
+    data_pct: float = arg(1.0, "fraction of the training split for linear/finetune (1, 0.1, 0.01)")
+    build_5x200: bool = arg(False, "build chexpert_5x200.csv from train.csv if missing (seed 0)")
+    classes: str = arg("", "--data csv: comma-separated class names, as in the label column")
+    prompts: str = arg("", "--data csv: ';'-separated zero-shot prompts, one per class")
+    batch_size: int = arg(36, "linear probe / fine-tune batch (paper: 36)")
+    lr: float = arg(5e-4, "linear probe / fine-tune learning rate, AdamW (paper: 5e-4)")
+    weight_decay: float = arg(1e-3, "linear probe / fine-tune weight decay (paper: 1e-3)")
+    max_steps: int = arg(8000, "linear probe / fine-tune steps (paper: 8000)")
+    eval_every: int = arg(500, "validate every N steps; the best validation loss is tested")
+    seed: int = arg(0, "seed for the head, the batches and the --data-pct subset")
+    num_workers: int = arg(-1, "data-loading processes (-1: the CPU cores, less one)")
+    dtype: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
+    out: str = arg("", "results file (default: CKPT/results_DATA.json)")
 
-
-DEMO_DEFAULTS = dict(data_root="data/demo", max_steps=300, eval_every=50, num_workers=2)  # minutes on a CPU
-
-# -----------------------------------------------------------------------------
-# Datasets: classes, their hand-written prompts, splits of (image path, class index), and paired captions
-
-
+# --- Datasets: classes, their hand-written prompts, splits of (path, class), paired captions
 @dataclass
 class EvalData:
     classes: list  # class names
     prompts: list  # the hand-written zero-shot prompt of each class
     class_texts: list  # what follows a learned context for each class (stage 2)
     splits: dict  # 'train', 'val', 'test' -> [(image path, class index)]
-    pairs: list = field(default_factory=list)  # (image path, caption) for retrieval; empty if none
+    pairs: list = field(default_factory=list)  # (image path, caption) for retrieval; or none
 
+def build_5x200(rows, per_class=200, seed=0):
+    """Sample `per_class` frontal rows of each class under the 5x200 rule, with a fixed seed."""
+    by_class = {i: [] for i in range(len(FIVE_CLASSES))}
+    for row in rows:
+        if row["Frontal/Lateral"] == "Frontal" and five_class_index(row) is not None:
+            by_class[five_class_index(row)].append(row)
+    for i, candidates in by_class.items():
+        if len(candidates) < per_class:
+            die(f"only {len(candidates)} rows qualify for {FIVE_CLASSES[i]}, fewer than "
+                f"{per_class}: lower the count per class.")
+    rng = random.Random(seed)
+    return [row for i in by_class for row in rng.sample(by_class[i], per_class)]
 
 def chexpert5x200_data(cfg):
-    """CheXpert-5x200 (GLoRIA): test = chexpert_5x200.csv; train/val = frontal images positive for exactly one
-    of the five classes from stage 1's patient split, never the 5x200 patients. Retrieval: stage 1's val pairs."""
+    """CheXpert-5x200 (GLoRIA): test = chexpert_5x200.csv; train/val = frontal images positive for
+    exactly one of the five classes, from stage 1's patient split, never the 5x200 patients.
+    Retrieval: stage 1's validation pairs."""
     root = Path(cfg.data_root)
     if not (root / "chexpert_5x200.csv").exists():
         if not cfg.build_5x200:
-            die(f"no chexpert_5x200.csv in {root}: pass --build-5x200 to build it from train.csv (GLoRIA rule, seed 0).")
+            die(f"no chexpert_5x200.csv in {root}: pass --build-5x200 to build it from train.csv "
+                "(GLoRIA rule, seed 0).")
         rows = build_5x200(read_csv(root / "train.csv", CHEXPERT_COLUMNS), per_class=200, seed=0)
         write_csv(root / "chexpert_5x200.csv", rows, CHEXPERT_COLUMNS)
         print0(f"wrote {root / 'chexpert_5x200.csv'} ({len(rows)} images)")
@@ -87,9 +98,7 @@ def chexpert5x200_data(cfg):
     texts = [name.lower() for name in FIVE_CLASSES]
     return EvalData(FIVE_CLASSES, [CAPTION_PREFIX + t for t in texts], texts, splits, pairs)
 
-
 def write_csv(path, rows, columns):
-    import csv
     tmp = Path(f"{path}.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -97,20 +106,17 @@ def write_csv(path, rows, columns):
         writer.writerows(rows)
     os.replace(tmp, path)
 
-
 def sklearn_split(items, test_size):
-    """(train, test) exactly as scikit-learn's train_test_split(items, test_size, random_state=0), without it."""
+    """(train, test) as scikit-learn's train_test_split(items, test_size, random_state=0)."""
     permutation = np.random.RandomState(0).permutation(len(items))
     n_test = int(np.ceil(test_size * len(items)))
     return [items[i] for i in permutation[n_test:]], [items[i] for i in permutation[:n_test]]
 
-
 def rsna_split(patients):
-    """GLoRIA/MGCA's RSNA split of the sorted patient ids: 70% train, the rest halved into val and test."""
+    """GLoRIA/MGCA's RSNA split of the sorted patient ids: 70% train, the rest halved."""
     train, rest = sklearn_split(sorted(patients), 0.3)
     test, val = sklearn_split(rest, 0.5)  # their code names the first part test, the second valid
     return {"train": train, "val": val, "test": test}
-
 
 def rsna_data(cfg):
     """RSNA Pneumonia: a patient is positive if any of its boxes has Target 1. Images are
@@ -132,20 +138,23 @@ def rsna_data(cfg):
         try:
             import pydicom  # noqa: F401
         except ImportError:
-            die("the RSNA images are DICOM files: pip install pydicom, or convert them to PNG with the same names.")
-    splits = {name: [(paths[p], target[p]) for p in ids] for name, ids in rsna_split(target).items()}
+            die("the RSNA images are DICOM files: pip install pydicom, or convert them to PNG "
+                "with the same names.")
+    splits = {name: [(paths[p], target[p]) for p in patients]
+              for name, patients in rsna_split(target).items()}
     texts = ["no finding", "pneumonia"]  # the public code's "pneumothorax" here is a bug
     return EvalData(["Normal", "Pneumonia"], [CAPTION_PREFIX + t for t in texts], texts, splits)
-
 
 MAMMOGRAM_PREFIX = "this is a breast 2d full-field digital mammogram of a patient with "
 BIRADS = {"A": "birads score 0: additional imaging required", "N": "birads score 1: negative",
           "B": "birads score 2: benign", "P": "birads score 3: probably benign",
-          "S": "birads score 4: suspicious abnormality", "M": "birads score 5: highly suggestive of malignancy",
+          "S": "birads score 4: suspicious abnormality",
+          "M": "birads score 5: highly suggestive of malignancy",
           "K": "birads score 6: known biopsy-proven malignancy"}
-DENSITY = {"1": "breast tissue density 1: almost entirely fatty", "2": "breast tissue density 2: scattered fibroglandular densities",
-           "3": "breast tissue density 3: heterogeneously dense", "4": "breast tissue density 4: extremely dense"}
-
+DENSITY = {"1": "breast tissue density 1: almost entirely fatty",
+           "2": "breast tissue density 2: scattered fibroglandular densities",
+           "3": "breast tissue density 3: heterogeneously dense",
+           "4": "breast tissue density 4: extremely dense"}
 
 def embed_data(cfg):
     """EMBED: 2D images of EMBED_OpenData_metadata.csv joined with the exam's assessment in
@@ -153,39 +162,41 @@ def embed_data(cfg):
     density from `tissueden` (5, 'normal male', excluded). Patient split 70/15/15, seed 0."""
     root = Path(cfg.data_root)
     column, labels = ("asses", BIRADS) if cfg.data == "embed-birads" else ("tissueden", DENSITY)
-    keys = list(labels)
-    clinical = {}
-    for row in read_csv(root / "EMBED_OpenData_clinical.csv", ["empi_anon", "acc_anon", "side", column]):
+    keys, clinical, records = list(labels), {}, []
+    for row in read_csv(root / "EMBED_OpenData_clinical.csv",
+                        ["empi_anon", "acc_anon", "side", column]):
         value = row[column].split(".")[0]  # tissueden is written as 3.0 in some releases
         if value in labels:
             for side in ("L", "R") if row["side"] == "B" else (row["side"],):
                 clinical[(row["empi_anon"], row["acc_anon"], side)] = keys.index(value)
-    records = []
     for row in read_csv(root / "EMBED_OpenData_metadata.csv",
-                        ["empi_anon", "acc_anon", "ImageLateralityFinal", "FinalImageType", "anon_dicom_path"]):
+                        ["empi_anon", "acc_anon", "ImageLateralityFinal", "FinalImageType",
+                         "anon_dicom_path"]):
         label = clinical.get((row["empi_anon"], row["acc_anon"], row["ImageLateralityFinal"]))
         if row["FinalImageType"] == "2D" and label is not None:
             path = row.get("png_path") or row["anon_dicom_path"]
-            records.append({"image": str(root / path.lstrip("/")), "label": label, "patient": row["empi_anon"]})
+            records.append({"image": str(root / path.lstrip("/")), "label": label,
+                            "patient": row["empi_anon"]})
     if not records:
-        die(f"no 2D EMBED image in {root} has a {column} label: check the two CSVs (README, 'EMBED').")
+        die(f"no 2D EMBED image in {root} has a {column} label: check the two CSVs (README, "
+            "'EMBED').")
     train, rest = split_by_patient(records, 0.3, key=lambda r: r["patient"])
     val, test = split_by_patient(rest, 0.5, key=lambda r: r["patient"])
-    splits = {name: [(r["image"], r["label"]) for r in part] for name, part in [("train", train), ("val", val), ("test", test)]}
+    splits = {name: [(r["image"], r["label"]) for r in part]
+              for name, part in [("train", train), ("val", val), ("test", test)]}
     texts = [labels[k] for k in keys]
     return EvalData(keys, [MAMMOGRAM_PREFIX + t for t in texts], texts, splits)
 
-
 def csv_data(cfg):
-    """Any dataset: a CSV with image and label columns (paths relative to it), an optional split column
-    (train/val/test; else 70/15/15 by image, seed 0) and an optional text column (for retrieval)."""
+    """Any dataset: a CSV with image and label columns (paths relative to it), an optional split
+    column (train/val/test; else 70/15/15 by image, seed 0) and an optional text column."""
     if not cfg.classes:
-        die("--data csv needs --classes: the class names used in the label column, comma-separated.")
+        die("--data csv needs --classes: the label column's class names, comma-separated.")
     classes = [c.strip() for c in cfg.classes.split(",")]
     rows = read_csv(cfg.data_root, ["image", "label"])
-    unknown = sorted({r["label"] for r in rows} - set(classes))
-    if unknown:
-        die(f"{cfg.data_root} has labels {unknown[:5]} that are not in --classes: list every class name.")
+    if unknown := sorted({r["label"] for r in rows} - set(classes)):
+        die(f"{cfg.data_root} has labels {unknown[:5]} that are not in --classes: list every "
+            "class name.")
     root = Path(cfg.data_root).parent
     if "split" not in rows[0]:
         train, rest = split_by_patient(rows, 0.3, key=lambda r: r["image"])
@@ -193,78 +204,73 @@ def csv_data(cfg):
         for part, name in [(train, "train"), (val, "val"), (test, "test")]:
             for r in part:
                 r["split"] = name
-    splits = {name: [(str(root / r["image"]), classes.index(r["label"])) for r in rows if r["split"] == name]
-              for name in ("train", "val", "test")}
-    pairs = [(str(root / r["image"]), r["text"]) for r in rows if r["split"] == "test" and r.get("text")]
-    prompts = [p.strip() for p in cfg.prompts.split(";")] if cfg.prompts else [CAPTION_PREFIX + c.lower() for c in classes]
+    splits = {name: [(str(root / r["image"]), classes.index(r["label"])) for r in rows
+                     if r["split"] == name] for name in ("train", "val", "test")}
+    pairs = [(str(root / r["image"]), r["text"]) for r in rows
+             if r["split"] == "test" and r.get("text")]
+    prompts = ([p.strip() for p in cfg.prompts.split(";")] if cfg.prompts
+               else [CAPTION_PREFIX + c.lower() for c in classes])
     if len(prompts) != len(classes):
-        die(f"--prompts has {len(prompts)} entries for {len(classes)} classes: give one prompt per class, ';'-separated.")
+        die(f"--prompts has {len(prompts)} entries for {len(classes)} classes: give one prompt "
+            "per class, ';'-separated.")
     return EvalData(classes, prompts, [c.lower() for c in classes], splits, pairs)
-
 
 def load_data(cfg):
     if not cfg.data_root:
         die(f"--data {cfg.data} needs --data-root (see the README for each dataset's layout).")
-    prepare_demo(cfg)
+    if cfg.data == "demo":
+        demo.prepare(cfg.data_root)
     loader = {"demo": chexpert5x200_data, "chexpert5x200": chexpert5x200_data, "rsna": rsna_data,
               "embed-birads": embed_data, "embed-density": embed_data, "csv": csv_data}[cfg.data]
     return loader(cfg)
 
-
 def subset(records, fraction, seed):
     """A seeded fraction of the records. Subsets are nested: the 1% one lies inside the 10% one."""
-    keep = np.random.default_rng(seed).permutation(len(records))[:max(1, round(fraction * len(records)))]
-    return [records[i] for i in sorted(keep)]
+    keep = np.random.default_rng(seed).permutation(len(records))
+    return [records[i] for i in sorted(keep[:max(1, round(fraction * len(records)))])]
 
-
-# -----------------------------------------------------------------------------
-# Metrics (percent, as the paper's tables)
-
-
+# --- Metrics (percent, as the paper's tables)
 def accuracy(probabilities, labels):
     return 100 * float(np.mean(np.argmax(probabilities, axis=1) == labels))
 
-
 def binary_auc(scores, positive):
-    """ROC AUC = P(score of a positive > score of a negative), ties counting one half, from average ranks."""
+    """ROC AUC = P(score of a positive > score of a negative), ties counting one half."""
     values, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based ranks, tied values share their mean rank
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based; ties share their mean rank
     n_pos, n_neg = positive.sum(), (~positive).sum()
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
-
 def auc(probabilities, labels):
-    """Binary ROC AUC for two classes; otherwise the macro mean of one-vs-rest AUCs over the softmax scores
-    (classes with no positive or no negative in `labels` are left out)."""
+    """Binary ROC AUC for two classes; otherwise the macro mean of one-vs-rest AUCs over the
+    softmax scores (classes with no positive or no negative in `labels` are left out)."""
     if probabilities.shape[1] == 2:
         return 100 * binary_auc(probabilities[:, 1], labels == 1)
-    per_class = [binary_auc(probabilities[:, c], labels == c) for c in range(probabilities.shape[1])
-                 if 0 < (labels == c).sum() < len(labels)]
+    per_class = [binary_auc(probabilities[:, c], labels == c)
+                 for c in range(probabilities.shape[1]) if 0 < (labels == c).sum() < len(labels)]
     return 100 * float(np.mean(per_class))
 
-
 def recall_at_k(similarity, relevant, ks=(1, 5, 10)):
-    """similarity (queries, items), relevant (queries, items) bool: % of queries with a relevant item in the top k."""
+    """similarity, relevant (queries, items): % of queries with a relevant item in the top k."""
     order = np.argsort(-similarity, axis=1, kind="stable")
     hits = np.take_along_axis(relevant, order, axis=1)
     return {f"R@{k}": 100 * float(hits[:, :k].any(axis=1).mean()) for k in ks}
 
-
-# -----------------------------------------------------------------------------
-# Tasks
-
-
+# --- Tasks
 def features_of(model, records, cfg, device, autocast, encode=None):
     """(features, labels) of (path, class) records, evaluation view, computed once."""
     stage1 = load_config(cfg.ckpt)  # its input size, and its --image-cache
-    loader = make_loader(XrayDataset(records, stage1.image_size, cache=stage1.image_cache), eval_batches(len(records), 64, pad=True), cfg, device)
-    features, labels = embed_images(model, loader, len(records), autocast, progress=True, encode=encode)
+    dataset = XrayDataset(records, stage1.image_size, cache=stage1.image_cache)
+    loader = make_loader(dataset, eval_batches(len(records), 64, pad=True), cfg.num_workers, device)
+    features, labels = embed_images(model, loader, len(records), autocast, True, encode)
     return features, labels.cpu().numpy()
 
+def scores(probabilities, labels):
+    return {"acc": accuracy(probabilities, labels), "auc": auc(probabilities, labels)}
 
 @torch.no_grad()
 def zero_shot(model, data, cfg, device, autocast):
-    """Zero-shot: argmax over the classes of scale * cos(image, class prompt); the learned context with --prompt."""
+    """argmax over the classes of scale * cos(image, class prompt); the learned context with
+    --prompt."""
     with autocast:
         if cfg.prompt:
             context, _ = load_prompt(cfg.prompt)
@@ -273,19 +279,17 @@ def zero_shot(model, data, cfg, device, autocast):
         else:
             class_features = model.encode_text(data.prompts)  # (C, D)
     image_features, labels = features_of(model, data.splits["test"], cfg, device, autocast)
-    probabilities = zero_shot_logits(model, image_features, class_features).softmax(dim=1).cpu().numpy()
-    return {"acc": accuracy(probabilities, labels), "auc": auc(probabilities, labels)}
-
+    logits = zero_shot_logits(model, image_features, class_features)
+    return scores(logits.softmax(dim=1).cpu().numpy(), labels)
 
 def fit(head_params, batch_loss, val_loss, cfg, desc):
-    """AdamW for cfg.max_steps on batch_loss(step); every eval_every steps, keep the parameters with the
-    smallest val_loss(). Returns nothing: the best parameters are loaded back in place."""
+    """AdamW for cfg.max_steps on batch_loss(step); every eval_every steps, keep the parameters
+    with the smallest val_loss(). The best parameters are loaded back in place."""
     optimizer = torch.optim.AdamW(head_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     best = (float("inf"), None)
     for step in tqdm(range(cfg.max_steps + 1), desc=desc, leave=False):
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            loss = val_loss()
-            if loss < best[0]:
+            if (loss := val_loss()) < best[0]:
                 best = (loss, [p.detach().clone() for p in head_params])
         if step == cfg.max_steps:
             break
@@ -296,42 +300,40 @@ def fit(head_params, batch_loss, val_loss, cfg, desc):
         for p, saved in zip(head_params, best[1]):
             p.copy_(saved)
 
-
 def linear_probe(model, data, cfg, device, autocast, train):
-    """Linear probe: the image tower is frozen, so its features (before the projection) are computed once
-    and a linear head is trained on them with cross-entropy."""
-    encode = model.image_tower
+    """The image tower is frozen, so its features (before the projection) are computed once and
+    a linear head is trained on them with cross-entropy."""
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
-        features_of(model, records, cfg, device, autocast, encode) for records in (train, data.splits["val"], data.splits["test"]))
+        features_of(model, records, cfg, device, autocast, model.image_tower)
+        for records in (train, data.splits["val"], data.splits["test"]))
     y_train, y_val = torch.as_tensor(y_train, device=device), torch.as_tensor(y_val, device=device)
     torch.manual_seed(cfg.seed)
     head = nn.Linear(x_train.shape[1], len(data.classes)).to(device)
-    batches = torch.Generator().manual_seed(cfg.seed)
-    batch = min(cfg.batch_size, len(y_train))
+    batches, batch = torch.Generator().manual_seed(cfg.seed), min(cfg.batch_size, len(y_train))
 
     def batch_loss(step):
         index = torch.randint(len(y_train), (batch,), generator=batches).to(device)
         return F.cross_entropy(head(x_train[index]), y_train[index])
 
-    fit(list(head.parameters()), batch_loss, lambda: F.cross_entropy(head(x_val), y_val).item(), cfg, "linear probe")
+    val_loss = lambda: F.cross_entropy(head(x_val), y_val).item()
+    fit(list(head.parameters()), batch_loss, val_loss, cfg, "linear probe")
     with torch.no_grad():
-        probabilities = head(x_test).softmax(dim=1).cpu().numpy()
-    return {"acc": accuracy(probabilities, y_test), "auc": auc(probabilities, y_test)}
-
+        return scores(head(x_test).softmax(dim=1).cpu().numpy(), y_test)
 
 def fine_tune(model, data, cfg, device, autocast, train):
-    """Fine-tune: the image tower and a linear head trained end to end on augmented training images."""
-    tower = copy.deepcopy(model.image_tower).train().requires_grad_(True)  # the loaded weights stay as they are
+    """The image tower and a linear head trained end to end on augmented training images."""
+    tower = copy.deepcopy(model.image_tower).train().requires_grad_(True)  # the checkpoint stays
     tower.model.embeddings.mask_token.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     head = nn.Linear(tower.width, len(data.classes)).to(device)
     classify = lambda images: head(tower(images).float())  # (B, C) logits in fp32
-    stage1 = load_config(cfg.ckpt)
-    batch = min(cfg.batch_size, len(train))
+    stage1, batch = load_config(cfg.ckpt), min(cfg.batch_size, len(train))
     train_set = XrayDataset(train, stage1.image_size, cache=stage1.image_cache)
     val_set = XrayDataset(data.splits["val"], stage1.image_size, cache=stage1.image_cache)
-    loader = iter(make_loader(train_set, TrainBatches(len(train), batch, cfg.seed), cfg, device, persistent=True))
-    val_loader = make_loader(val_set, eval_batches(len(val_set), 64, pad=True), cfg, device)
+    batches = TrainBatches(len(train), batch, cfg.seed)
+    loader = iter(make_loader(train_set, batches, cfg.num_workers, device, persistent=True))
+    val_loader = make_loader(val_set, eval_batches(len(val_set), 64, pad=True), cfg.num_workers,
+                             device)
 
     def batch_loss(step):
         images, labels, _ = next(loader)
@@ -341,56 +343,53 @@ def fine_tune(model, data, cfg, device, autocast, train):
 
     def val_loss():
         tower.eval()
-        logits, labels = embed_images(model, val_loader, len(data.splits["val"]), autocast, encode=classify)
+        logits, labels = embed_images(model, val_loader, len(val_set), autocast, encode=classify)
         tower.train()
         return F.cross_entropy(logits, labels).item()
 
     fit(list(tower.parameters()) + list(head.parameters()), batch_loss, val_loss, cfg, "fine-tune")
     tower.eval()
     with torch.no_grad():
-        logits, labels = features_of(model, data.splits["test"], cfg, device, autocast, encode=classify)
-    probabilities = logits.softmax(dim=1).cpu().numpy()
-    return {"acc": accuracy(probabilities, labels), "auc": auc(probabilities, labels)}
-
+        logits, labels = features_of(model, data.splits["test"], cfg, device, autocast, classify)
+    return scores(logits.softmax(dim=1).cpu().numpy(), labels)
 
 @torch.no_grad()
 def retrieval(model, data, cfg, device, autocast):
-    """Image->text and text->image Recall@1/5/10. Captions built from labels repeat, so the text gallery holds
-    each distinct caption once, and any image with that caption is a correct answer for it."""
+    """Image->text and text->image Recall@1/5/10. Captions built from labels repeat, so the text
+    gallery holds each distinct caption once, and any image with that caption is a hit for it."""
     if not data.pairs:
         return None
     captions = sorted({caption for _, caption in data.pairs})
     index = {caption: i for i, caption in enumerate(captions)}
-    image_features, targets = features_of(model, [(path, index[c]) for path, c in data.pairs], cfg, device, autocast)
+    records = [(path, index[c]) for path, c in data.pairs]
+    image_features, targets = features_of(model, records, cfg, device, autocast)
     with autocast:
-        text_features = torch.cat([model.encode_text(captions[i:i + 256]) for i in range(0, len(captions), 256)])
+        text_features = torch.cat([model.encode_text(captions[i:i + 256])
+                                   for i in range(0, len(captions), 256)])
     similarity = (image_features @ text_features.T).cpu().numpy()  # (images, captions)
     relevant = targets[:, None] == np.arange(len(captions))[None, :]
     return {**{f"i2t_{k}": v for k, v in recall_at_k(similarity, relevant).items()},
             **{f"t2i_{k}": v for k, v in recall_at_k(similarity.T, relevant.T).items()}}
 
-
-# -----------------------------------------------------------------------------
-# Results: results.json and a Markdown table in the layout of the paper's Table 1
-
-
+# --- Results: results.json and a Markdown table in the layout of the paper's Table 1
 def markdown_table(report):
     r = report["results"]
-    cell = lambda task, metric: f"{r[task][metric]:.2f}" if r.get(task) and metric in r[task] else "-"
-    name = f"CLEFT ({Path(report['checkpoint']).parent.name}{', learned prompt' if report['prompt'] else ''})"
+    cell = lambda task, metric: f"{r[task][metric]:.2f}" if r.get(task) else "-"
+    prompt = ", learned prompt" if report["prompt"] else ""
+    name = f"CLEFT ({Path(report['checkpoint']).parent.name}{prompt})"
+    cells = [cell(task, metric) for task in TASKS[:3] for metric in ("acc", "auc")]
     lines = [f"{report['dataset']}, {report['data_pct']:.0%} of the training data",
-             "| Method | ZS-Acc | ZS-AUC | LP-Acc | LP-AUC | FT-Acc | FT-AUC |", "|---|---|---|---|---|---|---|",
-             f"| {name} | {cell('zeroshot', 'acc')} | {cell('zeroshot', 'auc')} | {cell('linear', 'acc')} | "
-             f"{cell('linear', 'auc')} | {cell('finetune', 'acc')} | {cell('finetune', 'auc')} |"]
+             "| Method | ZS-Acc | ZS-AUC | LP-Acc | LP-AUC | FT-Acc | FT-AUC |",
+             "|---|---|---|---|---|---|---|", f"| {name} | " + " | ".join(cells) + " |"]
     if r.get("retrieval"):
         keys = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-        lines += ["", "| Retrieval | I2T R@1 | I2T R@5 | I2T R@10 | T2I R@1 | T2I R@5 | T2I R@10 |", "|---|---|---|---|---|---|---|",
+        lines += ["", "| Retrieval | I2T R@1 | I2T R@5 | I2T R@10 | T2I R@1 | T2I R@5 | T2I R@10 |",
+                  "|---|---|---|---|---|---|---|",
                   f"| {name} | " + " | ".join(f"{r['retrieval'][k]:.2f}" for k in keys) + " |"]
     return "\n".join(lines)
 
-
 def main(argv=None):
-    cfg = parse_config(argv, EvalConfig, DEMO_DEFAULTS, __doc__)
+    cfg = parse_config(argv, EvalConfig, __doc__)
     if not cfg.ckpt:
         die("--ckpt is required: the best/ (or last/) folder of a cleft.py run.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -398,32 +397,33 @@ def main(argv=None):
     data = load_data(cfg)
     train = subset(data.splits["train"], cfg.data_pct, cfg.seed)
     print0(f"{cfg.data}: {len(train)} train ({cfg.data_pct:.0%}), {len(data.splits['val'])} val, "
-           f"{len(data.splits['test'])} test images, {len(data.pairs)} image-caption pairs; classes {data.classes}")
-    for name, records in [("train", train), ("val", data.splits["val"]), ("test", data.splits["test"])]:
+           f"{len(data.splits['test'])} test images, {len(data.pairs)} image-caption pairs; "
+           f"classes {data.classes}")
+    for name, records in [("train", train), ("val", data.splits["val"]),
+                          ("test", data.splits["test"])]:
         if not records:
             die(f"the {name} split of {cfg.data} is empty: check --data-root.")
     model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
-    tasks = TASKS if cfg.task == "all" else [cfg.task]
     results = {}
-    for task in tasks:
+    for task in TASKS if cfg.task == "all" else [cfg.task]:
         print0(f"{task} ...")
-        if task == "zeroshot":
-            results[task] = zero_shot(model, data, cfg, device, autocast)
-        elif task == "linear":
-            results[task] = linear_probe(model, data, cfg, device, autocast, train)
-        elif task == "finetune":
-            results[task] = fine_tune(model, data, cfg, device, autocast, train)
+        if task in ("linear", "finetune"):
+            run = linear_probe if task == "linear" else fine_tune
+            results[task] = run(model, data, cfg, device, autocast, train)
         else:
-            results[task] = retrieval(model, data, cfg, device, autocast)
-            if results[task] is None and cfg.task == "retrieval":
-                die(f"{cfg.data} has no paired captions, so retrieval is not defined (a csv needs a text column).")
-    report = {"dataset": cfg.data, "checkpoint": str(cfg.ckpt), "prompt": cfg.prompt or None, "data_pct": cfg.data_pct,
-              "n_images": {"train": len(train), "val": len(data.splits["val"]), "test": len(data.splits["test"]),
-                           "pairs": len(data.pairs)}, "results": results, "config": asdict(cfg)}
+            run = zero_shot if task == "zeroshot" else retrieval
+            results[task] = run(model, data, cfg, device, autocast)
+        if results[task] is None and cfg.task == "retrieval":
+            die(f"{cfg.data} has no paired captions, so retrieval is not defined (a csv needs a "
+                "text column).")
+    counts = {"train": len(train), "val": len(data.splits["val"]),
+              "test": len(data.splits["test"]), "pairs": len(data.pairs)}
+    report = {"dataset": cfg.data, "checkpoint": str(cfg.ckpt), "prompt": cfg.prompt or None,
+              "data_pct": cfg.data_pct, "n_images": counts, "results": results,
+              "config": asdict(cfg)}
     out = Path(cfg.out or Path(cfg.ckpt) / f"results_{cfg.data}.json")
     out.write_text(json.dumps(report, indent=2))
     print0(markdown_table(report) + f"\n\nwritten to {out}")
-
 
 if __name__ == "__main__":
     main()

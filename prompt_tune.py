@@ -1,19 +1,20 @@
-"""
-CLEFT stage 2: learn a context prompt shared by all classes, with both encoders frozen (paper section 2.2).
-The hand-written caption "this is a chest x ray of a patient with" becomes L learnable token embeddings,
-trained with the zero-shot classification cross-entropy on image features computed once.
+"""CLEFT stage 2: learn a context prompt shared by all classes, with both encoders frozen (paper
+section 2.2). The hand-written caption "this is a chest x ray of a patient with" becomes L
+learnable token embeddings, trained with the zero-shot classification cross-entropy on image
+features computed once.
 
 Demo (after `python cleft.py`; offline, a minute or two on a CPU):
     python prompt_tune.py --ckpt runs/demo/best
 CheXpert (the five CheXpert-5x200 classes), one GPU or several:
     python prompt_tune.py --ckpt runs/cleft/best --data chexpert --data-root /data/chexpert
-    torchrun --nproc_per_node=2 prompt_tune.py --ckpt runs/cleft/best --data chexpert --data-root /data/chexpert
+    torchrun --nproc_per_node=2 prompt_tune.py --ckpt runs/cleft/best --data chexpert \\
+        --data-root /data/chexpert
 The context is saved to CKPT/prompt.safetensors; `evaluate.py --prompt FILE` loads it.
 """
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,139 +25,126 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, XrayDataset, autocast_for, chexpert_rows, class_prompts, die,
-                   embed_images, eval_batches, five_class_index, get_lr, load_config, load_model, make_loader,
-                   parse_config, prepare_demo, print0, read_csv, setup_distributed, split_by_patient)
+import demo
+from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, XrayDataset, arg, autocast_for,
+                   chexpert_rows, class_prompts, die, embed_images, eval_batches,
+                   five_class_index, get_lr, load_config, load_model, make_loader, parse_config,
+                   print0, read_csv, setup_distributed, split_by_patient)
 
-# -----------------------------------------------------------------------------
-# Config
-
-
+# --- Config
 @dataclass
 class PromptConfig:
-    ckpt: str = field(default="", metadata={"help": "stage-1 checkpoint folder, e.g. runs/cleft/best (required)"})
-    data: str = field(default="demo", metadata={"help": "dataset", "choices": ["demo", "chexpert", "csv"]})
-    data_root: str = field(default="", metadata={"help": "CheXpert folder, or a CSV with image,label columns for --data csv"})
-    classes: str = field(default="", metadata={"help": "comma-separated class names (default: the five CheXpert-5x200 classes)"})
-    context_length: int = field(default=30, metadata={"help": "learnable context tokens L (paper: 30)"})
-    batch_size: int = field(default=36, metadata={"help": "images per step (paper: 36)"})
-    lr: float = field(default=1e-3, metadata={"help": "SGD learning rate, momentum 0.9 (paper: 1e-3)"})
-    warmup_steps: int = field(default=1000, metadata={"help": "linear warm-up steps (paper: 1000)"})
-    max_steps: int = field(default=4000, metadata={"help": "optimizer steps (paper: 4000)"})
-    eval_every: int = field(default=500, metadata={"help": "held-out zero-shot accuracy every N steps (and at the end)"})
-    log_every: int = field(default=50, metadata={"help": "one log line every N steps"})
-    dtype: str = field(default="auto", metadata={"help": "auto = bf16 autocast on CUDA, fp32 on CPU", "choices": ["auto", "bf16", "fp32"]})
-    seed: int = field(default=42, metadata={"help": "seed for the random context tokens and the batches"})
-    num_workers: int = field(default=-1, metadata={"help": "data-loading processes per rank, for the image features (-1: as in cleft.py)"})
-    out: str = field(default="", metadata={"help": "output file (default: CKPT/prompt.safetensors); a .jsonl log goes beside it"})
+    ckpt: str = arg("", "stage-1 checkpoint folder, e.g. runs/cleft/best (required)")
+    data: str = arg("demo", "dataset", ["demo", "chexpert", "csv"])
+    data_root: str = arg("", "CheXpert folder, or a CSV with image,label columns (--data csv)")
+    classes: str = arg("", "comma-separated class names (default: the five 5x200 classes)")
+    context_length: int = arg(30, "learnable context tokens L (paper: 30)")
+    batch_size: int = arg(36, "images per step (paper: 36)")
+    lr: float = arg(1e-3, "SGD learning rate, momentum 0.9 (paper: 1e-3)")
+    warmup_steps: int = arg(1000, "linear warm-up steps (paper: 1000)")
+    max_steps: int = arg(4000, "optimizer steps (paper: 4000)")
+    eval_every: int = arg(500, "held-out zero-shot accuracy every N steps (and at the end)")
+    log_every: int = arg(50, "one log line every N steps")
+    dtype: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
+    seed: int = arg(42, "seed for the random context tokens and the batches")
+    num_workers: int = arg(-1, "loader processes per rank, for the image features (-1: auto)")
+    out: str = arg("", "output file (default: CKPT/prompt.safetensors); a .jsonl log beside it")
 
-
-# The demo's byte-level tokenizer spends 39 tokens on the caption: L = 39 starts from exactly the
-# hand-written prompt. The tiny encoders take a larger step size than BioMedLM.
-DEMO_DEFAULTS = dict(data_root="data/demo", context_length=39, lr=0.3, warmup_steps=30, max_steps=300, eval_every=50,
-                     log_every=50, num_workers=2)
-
-# -----------------------------------------------------------------------------
-# Data: images positive for exactly one of the classes
-
-
+# --- Data: images positive for exactly one of the classes
 def single_positive(row, classes):
     """Index of the one class in `classes` this row is positive (1.0) for, else None."""
     positives = [i for i, name in enumerate(classes) if row.get(name) in ("1", "1.0")]
     return positives[0] if len(positives) == 1 else None
 
-
 def labelled_splits(cfg, classes):
-    """{'train', 'val', 'test'}: lists of (image path, class index). CheXpert: stage 1's patient split, so
-    the held-out images are unseen in both stages, and never the 5x200 patients (they are 'test')."""
+    """{'train', 'val', 'test'}: lists of (image path, class index). CheXpert: stage 1's patient
+    split, so held-out images are unseen in both stages; never the 5x200 patients ('test')."""
     if cfg.data == "csv":
         rows = read_csv(cfg.data_root, ["image", "label"])
-        unknown = sorted({r["label"] for r in rows} - set(classes))
-        if unknown:
-            die(f"{cfg.data_root} has labels {unknown[:5]} that are not in --classes: list every class name.")
-        pair = lambda row: (str(Path(cfg.data_root).parent / row["image"]), classes.index(row["label"]))
+        if unknown := sorted({r["label"] for r in rows} - set(classes)):
+            die(f"{cfg.data_root} has labels {unknown[:5]} that are not in --classes: list every "
+                "class name.")
+        pair = lambda row: (str(Path(cfg.data_root).parent / row["image"]),
+                            classes.index(row["label"]))
         train, val = split_by_patient(rows, 0.05, key=lambda row: row["image"])
         return {"train": [pair(r) for r in train], "val": [pair(r) for r in val], "test": []}
-    missing = [name for name in classes if name not in FINDINGS]
-    if missing:
-        die(f"--classes {missing} are not CheXpert label columns: use names from the train.csv header.")
+    if missing := [name for name in classes if name not in FINDINGS]:
+        die(f"--classes {missing} are not CheXpert label columns: use names from the train.csv "
+            "header.")
     splits = chexpert_rows(cfg.data_root)
-    labelled = lambda rows: [(r["image"], single_positive(r, classes)) for r in rows if single_positive(r, classes) is not None]
-    test = [(r["image"], five_class_index(r)) for r in splits["test"]] if classes == FIVE_CLASSES else []
-    return {"train": labelled(splits["train"]), "val": labelled(splits["val"]), "test": test}
+    labelled = lambda rows: [(r["image"], single_positive(r, classes)) for r in rows
+                             if single_positive(r, classes) is not None]
+    test = [(r["image"], five_class_index(r)) for r in splits["test"]]
+    return {"train": labelled(splits["train"]), "val": labelled(splits["val"]),
+            "test": test if classes == FIVE_CLASSES else []}
 
-
-# -----------------------------------------------------------------------------
-# The prompt learner (paper section 2.2, in the style of CoOp)
-
-
+# --- The prompt learner (paper section 2.2, in the style of CoOp)
 class PromptLearner(nn.Module):
-    """The prompt of class c is [context (L) | tokens of the class name | EOS], fed to the frozen text tower
-    as inputs_embeds and pooled at that EOS exactly like stage 1. Only the context is a parameter."""
+    """The prompt of class c is [context (L) | tokens of the class name | EOS], fed to the frozen
+    text tower as inputs_embeds and pooled at that EOS like stage 1. Only the context learns."""
 
-    def __init__(self, model, classes, context_length=30, init=CAPTION_PREFIX.strip(), context=None):
+    def __init__(self, model, classes, context_length=30, init=CAPTION_PREFIX.strip(),
+                 context=None):
         super().__init__()
         tower = model.text_tower
         if tower.read_cls:
-            die("prompt context learning needs a causal text tower read at its EOS (CLEFT's); this checkpoint's text "
-                "tower is an encoder read at [CLS]: evaluate it with the hand-written prompts instead.")
+            die("prompt context learning needs a causal text tower read at its EOS (CLEFT's); this "
+                "checkpoint's is an encoder read at [CLS]: use the hand-written prompts instead.")
         embedding = tower.model.get_input_embeddings()
         device = embedding.weight.device
         tokenize = lambda text: tower.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if context is None:  # initialise from the hand-written caption; a longer caption keeps its last L tokens
+        if context is None:  # from the hand-written caption; a longer one keeps its last L tokens
             init_ids = tokenize(init)[-context_length:]
-            with torch.no_grad():
-                bound = embedding.weight.std().item() * 3 ** 0.5  # uniform with the spread of real embeddings
-                context = torch.empty(context_length, embedding.weight.shape[1], device=device).uniform_(-bound, bound)
-                context[context_length - len(init_ids):] = embedding(torch.tensor(init_ids, device=device))
+            with torch.no_grad():  # uniform, with the spread of the real embeddings
+                bound = embedding.weight.std().item() * 3 ** 0.5
+                context = torch.empty(context_length, embedding.weight.shape[1], device=device)
+                context.uniform_(-bound, bound)
+                init_ids = torch.tensor(init_ids, device=device)
+                context[context_length - len(init_ids):] = embedding(init_ids)
         self.context = nn.Parameter(context.float().to(device))  # (L, H)
-        class_ids = [tokenize(" " + name.lower()) + [tower.eos_id] for name in classes]  # " edema": as after "with"
+        # " edema": tokenized as it follows "with" in the caption
+        class_ids = [tokenize(" " + name.lower()) + [tower.eos_id] for name in classes]
         longest, L = max(map(len, class_ids)), len(self.context)
-        padded = torch.tensor([ids + [tower.eos_id] * (longest - len(ids)) for ids in class_ids], device=device)
+        padded = [ids + [tower.eos_id] * (longest - len(ids)) for ids in class_ids]
         with torch.no_grad():
-            self.register_buffer("class_embeddings", embedding(padded), persistent=False)  # (C, T, H)
-        mask = [[1] * (L + len(ids)) + [0] * (longest - len(ids)) for ids in class_ids]
-        self.register_buffer("attention_mask", torch.tensor(mask, device=device), persistent=False)  # (C, L + T)
-        eos = [L + len(ids) - 1 for ids in class_ids]
-        self.register_buffer("eos_positions", torch.tensor(eos, device=device), persistent=False)  # (C,)
+            class_embeddings = embedding(torch.tensor(padded, device=device))
+        self.register_buffer("class_embeddings", class_embeddings, persistent=False)  # (C, T, H)
+        mask = [[1] * (L + len(ids)) + [0] * (longest - len(ids)) for ids in class_ids]  # (C, L+T)
+        eos = [L + len(ids) - 1 for ids in class_ids]  # (C,)
+        for name, value in [("attention_mask", mask), ("eos_positions", eos)]:
+            self.register_buffer(name, torch.tensor(value, device=device), persistent=False)
 
     def inputs_embeds(self):  # (C, L + T, H)
         context = self.context.unsqueeze(0).expand(len(self.class_embeddings), -1, -1)  # (C, L, H)
         return torch.cat([context, self.class_embeddings], dim=1)  # (C, L + T, H)
 
     def class_features(self, model):  # (C, D) unit vectors, fp32
-        pooled = model.text_tower.pool_at_eos(self.eos_positions, inputs_embeds=self.inputs_embeds(),
-                                              attention_mask=self.attention_mask)  # (C, width)
+        inputs = dict(inputs_embeds=self.inputs_embeds(), attention_mask=self.attention_mask)
+        pooled = model.text_tower.pool_at_eos(self.eos_positions, **inputs)  # (C, width)
         return F.normalize(model.text_projection(pooled).float(), dim=-1)
 
-
 def zero_shot_logits(model, image_features, class_features):
-    """scale * cos(image, class) in fp32, (B, C): the logits of stage 1's InfoNCE, read as a classifier."""
+    """scale * cos(image, class) in fp32, (B, C): stage 1's InfoNCE logits, read as a classifier."""
     return model.logit_scale.float().exp() * image_features.float() @ class_features.float().T
 
-
 def save_prompt(path, learner, classes, cfg):
-    """The context and what it means (classes, config) in one safetensors file, written atomically."""
+    """The context and what it means (classes, config) in one safetensors file, atomically."""
     tmp = Path(f"{path}.tmp")
     save_file({"context": learner.context.detach().cpu().contiguous()}, tmp,
               metadata={"classes": json.dumps(classes), "config": json.dumps(asdict(cfg))})
     os.replace(tmp, path)
 
-
 def load_prompt(path):
     """(context (L, H), classes) from a file written by save_prompt."""
     if not Path(path).is_file():
-        die(f"no prompt file at {path}: run prompt_tune.py first, or drop --prompt to use the hand-written prompt.")
+        die(f"no prompt file at {path}: run prompt_tune.py first, or drop --prompt to use the "
+            "hand-written prompt.")
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor("context"), json.loads(f.metadata()["classes"])
 
-
-# -----------------------------------------------------------------------------
-# Main
-
-
+# --- Main
 def main(argv=None):
-    cfg = parse_config(argv, PromptConfig, DEMO_DEFAULTS, __doc__)
+    cfg = parse_config(argv, PromptConfig, __doc__)
     if not cfg.ckpt:
         die("--ckpt is required: the best/ (or last/) folder of a cleft.py run.")
     rank, world_size, device = setup_distributed()
@@ -164,68 +152,72 @@ def main(argv=None):
     classes = [name.strip() for name in cfg.classes.split(",")] if cfg.classes else FIVE_CLASSES
     out = Path(cfg.out or Path(cfg.ckpt) / "prompt.safetensors")
     print0(f"config: {json.dumps(asdict(cfg))}\nworld size {world_size} on {device}, {dtype}")
-
-    prepare_demo(cfg)
+    if cfg.data == "demo":
+        demo.prepare(cfg.data_root)
     splits = labelled_splits(cfg, classes)
     for name in ("train", "val"):
         if not splits[name]:
-            die(f"no {name} image is positive for exactly one of {classes}: check --data-root and --classes.")
-    print0("data: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items()) + f" images; classes {classes}")
+            die(f"no {name} image is positive for exactly one of {classes}: check --data-root "
+                "and --classes.")
+    print0("data: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items()) + f"; {classes}")
 
-    # both encoders frozen: every rank embeds its share of the images once, then all ranks hold all features
+    # both encoders frozen: every rank embeds its share of the images once, then all hold all
     model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
-    stage1 = load_config(cfg.ckpt)  # its input size, and its --image-cache
-    features = {}
+    stage1, features = load_config(cfg.ckpt), {}  # its input size and its --image-cache
     for name, records in splits.items():
         if records:
-            loader = make_loader(XrayDataset(records, stage1.image_size, cache=stage1.image_cache), eval_batches(len(records), 32 * world_size, pad=True), cfg, device)
-            features[name] = embed_images(model, loader, len(records), autocast, progress=True)  # (n, D), (n,)
+            dataset = XrayDataset(records, stage1.image_size, cache=stage1.image_cache)
+            batches = eval_batches(len(records), 32 * world_size, pad=True)
+            loader = make_loader(dataset, batches, cfg.num_workers, device)
+            features[name] = embed_images(model, loader, len(records), autocast, progress=True)
 
     torch.manual_seed(cfg.seed)  # the random context tokens: the same on every rank
     learner = PromptLearner(model, classes, cfg.context_length)
     optimizer = torch.optim.SGD([learner.context], lr=cfg.lr, momentum=0.9)
     with torch.no_grad(), autocast:
-        hand_written = model.encode_text(class_prompts(classes))  # (C, D)
+        handwritten = model.encode_text(class_prompts(classes))  # (C, D)
 
     def scores(split, class_features):  # (accuracy %, cross-entropy) of zero-shot classification
         image_features, labels = features[split]
         logits = zero_shot_logits(model, image_features, class_features)
-        return 100 * (logits.argmax(dim=1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
+        accuracy = 100 * (logits.argmax(dim=1) == labels).float().mean().item()
+        return accuracy, F.cross_entropy(logits, labels).item()
 
     log_file = open(out.with_suffix(".jsonl"), "w") if rank == 0 else None
-    progress = tqdm(total=cfg.max_steps, disable=rank != 0, dynamic_ncols=True, desc="prompt")
+    progress = tqdm(total=cfg.max_steps, disable=rank != 0, desc="prompt")
 
     def log(record, line):  # rank 0: one JSON line beside the prompt file, one line on screen
         if rank == 0:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            print(json.dumps(record), file=log_file, flush=True)
             progress.write(line)
 
     batches = torch.Generator().manual_seed(cfg.seed)  # the same batches on every rank
     train_features, train_labels = features["train"]
     best, loss_sum = None, 0.0
     for step in range(cfg.max_steps + 1):
-        last_step = step == cfg.max_steps
-        if step % cfg.eval_every == 0 or last_step:
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
             with torch.no_grad(), autocast:
                 learned = learner.class_features(model)
-            (acc_hand, _), (acc_learned, val_loss) = scores("val", hand_written), scores("val", learned)
-            record = {"step": step, "val_acc_hand_written": acc_hand, "val_acc_learned": acc_learned, "val_loss": val_loss}
-            log(record, f"step {step} | held-out zero-shot acc: hand-written {acc_hand:.1f} | learned {acc_learned:.1f}"
-                        f" | held-out loss {val_loss:.4f}")
-            if best is None or val_loss < best[0]:  # cross-entropy: smoother than accuracy on a small held-out split
+            acc_hand = scores("val", handwritten)[0]
+            acc_learned, val_loss = scores("val", learned)
+            log({"step": step, "val_acc_hand_written": acc_hand, "val_acc_learned": acc_learned,
+                 "val_loss": val_loss}, f"step {step} | held-out zero-shot acc: hand-written "
+                f"{acc_hand:.1f} | learned {acc_learned:.1f} | held-out loss {val_loss:.4f}")
+            if best is None or val_loss < best[0]:  # smoother than accuracy on a small split
                 best = (val_loss, step, learner.context.detach().clone())
-        if last_step:
+        if step == cfg.max_steps:
             break
 
-        # one step: every rank takes the same batch of cached features and computes the same gradient; averaging
-        # keeps the ranks' contexts bit-identical even where GPU kernels are not deterministic
+        # one step: every rank takes the same batch of cached features and computes the same
+        # gradient; averaging keeps the contexts bit-identical where kernels are not deterministic
+        lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = get_lr(step, cfg)
+            group["lr"] = lr
         index = torch.randint(len(train_labels), (cfg.batch_size,), generator=batches).to(device)
         with autocast:
             class_features = learner.class_features(model)  # (C, D)
-        loss = F.cross_entropy(zero_shot_logits(model, train_features[index], class_features), train_labels[index])
+        logits = zero_shot_logits(model, train_features[index], class_features)  # (B, C)
+        loss = F.cross_entropy(logits, train_labels[index])
         loss.backward()
         if world_size > 1:
             dist.all_reduce(learner.context.grad, op=dist.ReduceOp.AVG)
@@ -234,25 +226,25 @@ def main(argv=None):
         loss_sum += loss.item()
         progress.update(1)
         if (step + 1) % cfg.log_every == 0:
-            log({"step": step + 1, "loss": loss_sum / cfg.log_every, "lr": get_lr(step, cfg)},
-                f"step {step + 1}/{cfg.max_steps} | loss {loss_sum / cfg.log_every:.4f} | lr {get_lr(step, cfg):.2e}")
+            record = {"step": step + 1, "loss": loss_sum / cfg.log_every, "lr": lr}
+            log(record, "step {step}/{n} | loss {loss:.4f} | lr {lr:.2e}".format(n=cfg.max_steps,
+                                                                                  **record))
             loss_sum = 0.0
     progress.close()
 
     with torch.no_grad():
         learner.context.copy_(best[2])
-    summary = f"best held-out loss {best[0]:.4f} at step {best[1]}"
     if "test" in features:  # reported once, for the chosen context: never used to choose it
         with torch.no_grad(), autocast:
             learned = learner.class_features(model)
-        record = {"test_acc_hand_written": scores("test", hand_written)[0], "test_acc_learned": scores("test", learned)[0]}
-        log(record, f"5x200 zero-shot acc: hand-written {record['test_acc_hand_written']:.1f} | learned {record['test_acc_learned']:.1f}")
+        hand, learned = scores("test", handwritten)[0], scores("test", learned)[0]
+        log({"test_acc_hand_written": hand, "test_acc_learned": learned},
+            f"5x200 zero-shot acc: hand-written {hand:.1f} | learned {learned:.1f}")
     if rank == 0:
         save_prompt(out, learner, classes, cfg)
-    print0(f"done: {summary}; context saved to {out}")
+    print0(f"done: best held-out loss {best[0]:.4f} at step {best[1]}; context saved to {out}")
     if world_size > 1:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

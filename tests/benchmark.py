@@ -1,14 +1,17 @@
 """
 Benchmark CLEFT on this machine (CPU, or CUDA when present) and print one table per part:
-  1. input pipeline: our loader (JPEG draft decoding) against "open, full decode, resize", on CheXpert-like
-     grayscale JPEGs at full resolution (~2500 x 3000) and at the small release's size (~320 x 390);
-  2. stage-1 step: ms/step, images/s, peak memory and MFU for the tiny and a mid-size config (and the paper's
-     shapes with random weights on a GPU), with and without gradient checkpointing, and against the public
-     code's text handling (every caption padded to 64 tokens, duplicates encoded again);
+  1. input pipeline: our loader (JPEG draft decoding) against "open, full decode, resize", on
+     CheXpert-like grayscale JPEGs at full resolution (~2500 x 3000) and at the small release's
+     size (~320 x 390);
+  2. stage-1 step: ms/step, images/s, peak memory and MFU for the tiny and a mid-size config (and
+     the paper's shapes with random weights on a GPU), with and without gradient checkpointing, and
+     against the public code's text handling (every caption padded to 64 tokens, duplicates encoded
+     again);
   3. stage-2 step with cached image features against recomputing them;
   4. evaluation: zero-shot images/s on 1,000 images.
 Run as a script (pytest does not collect it):  python tests/benchmark.py [--steps 5]
 """
+
 import argparse
 import gc
 import os
@@ -28,20 +31,23 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cleft  # noqa: E402
+import demo  # noqa: E402
 import prompt_tune  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def timed(fn, repeats, warmup=1):
-    """Seconds per call of fn: the median of `repeats` calls after warm-up calls (a shared machine's hiccups
-    move a mean, not a median)."""
+    """Seconds per call of fn: the median of `repeats` calls after warm-up calls (a shared machine's
+    hiccups move a mean, not a median)."""
+
     def once():
         start = time.perf_counter()
         fn()
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
+
     for _ in range(warmup):
         once()
     return float(np.median([once() for _ in range(repeats)]))
@@ -55,11 +61,14 @@ def table(title, header, rows):
 
 # ---------------------------------------------------------------------------- 1. input pipeline
 
+
 def xray_jpeg(path, height, width, seed):
     """A CheXpert-like grayscale JPEG: the demo's synthetic X-ray, upscaled, with fine noise."""
-    small = cleft.render_xray(["Edema"], np.random.default_rng(seed))
+    small = demo.render_xray(["Edema"], np.random.default_rng(seed))
     image = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, np.float32) + np.random.default_rng(seed).normal(0, 6, (height, width))
+    pixels = np.asarray(image, np.float32) + np.random.default_rng(seed).normal(
+        0, 6, (height, width)
+    )
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
@@ -68,13 +77,15 @@ def baseline_load(path, size):
     with Image.open(path) as image:
         image = image.convert("L").resize((size, size), Image.Resampling.BILINEAR)
     gray = torch.from_numpy(np.asarray(image, np.float32) / 255)
-    return (gray.expand(3, size, size) - cleft.IMAGE_MEAN) / cleft.IMAGE_STD
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # ImageNet's, as DINOv2
+    return (gray.expand(3, size, size) - mean) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 def loader_rate(dataset, batch, batches, workers):
-    """Images/s of the training loader as cleft.py builds it (worker processes, seeded training views)."""
-    cfg = replace(cleft.parse_config([]), num_workers=workers)
-    loader = iter(cleft.make_loader(dataset, cleft.TrainBatches(len(dataset), batch, 0), cfg, DEVICE, persistent=True))
+    """Images/s of the training loader as cleft.py builds it (worker processes, seeded training
+    views)."""
+    batches_ = cleft.TrainBatches(len(dataset), batch, 0)
+    loader = iter(cleft.make_loader(dataset, batches_, workers, DEVICE, persistent=True))
     for _ in range(2 * workers):  # the workers start, and the batches they prefetched are used up
         next(loader)
     start = time.perf_counter()
@@ -91,80 +102,156 @@ def input_pipeline(folder, n, workers, batch=36, batches=6):
             xray_jpeg(path, height, width, i)
         cache = folder / f"cache-{name[:4]}"
         eval_view = lambda **kw: [cleft.load_image(p, 224, **kw) for p in paths]
-        training_view = lambda **kw: [cleft.load_image(p, 224, np.random.default_rng(i), **kw) for i, p in enumerate(paths)]
+        training_view = lambda **kw: [
+            cleft.load_image(p, 224, np.random.default_rng(i), **kw) for i, p in enumerate(paths)
+        ]
         base = n / timed(lambda: [baseline_load(p, 224) for p in paths], 3)
         first = n / timed(eval_view, 3)
         eval_view(cache=cache)  # the first epoch fills the cache
         cached = n / timed(lambda: eval_view(cache=cache), 5)
         cached_training = n / timed(lambda: training_view(cache=cache), 5)
-        rows.append([f"{name} ({width} x {height})", f"{base:.1f}", f"{first:.1f}", f"{cached:.1f}", f"{cached_training:.1f}",
-                     f"{first / base:.1f}x", f"{cached / base:.1f}x"])
+        rows.append(
+            [
+                f"{name} ({width} x {height})",
+                f"{base:.1f}",
+                f"{first:.1f}",
+                f"{cached:.1f}",
+                f"{cached_training:.1f}",
+                f"{first / base:.1f}x",
+                f"{cached / base:.1f}x",
+            ]
+        )
         records = [(str(p), "") for p in paths] * -(-batch // n)
         for label, folder_ in (("decode every time", ""), ("cached", cache)):
             dataset = cleft.XrayDataset(records, 224, cache=folder_)
-            loader_rows.append([f"{name}, {label}", f"{loader_rate(dataset, batch, batches, workers):.0f}"])
-    table("1. Input pipeline, one process (images/s)",
-          ["JPEG", "open, full decode, resize", "ours, first read", "ours, cached", "ours, cached, training view",
-           "ratio, first read", "ratio, cached"], rows)
-    table(f"1b. Training loader, {workers} worker processes, batch {batch}, training views", ["JPEG", "images/s"], loader_rows)
+            loader_rows.append(
+                [f"{name}, {label}", f"{loader_rate(dataset, batch, batches, workers):.0f}"]
+            )
+    table(
+        "1. Input pipeline, one process (images/s)",
+        [
+            "JPEG",
+            "open, full decode, resize",
+            "ours, first read",
+            "ours, cached",
+            "ours, cached, training view",
+            "ratio, first read",
+            "ratio, cached",
+        ],
+        rows,
+    )
+    table(
+        f"1b. Training loader, {workers} worker processes, batch {batch}, training views",
+        ["JPEG", "images/s"],
+        loader_rows,
+    )
 
 
 # ---------------------------------------------------------------------------- 2. stage-1 step
 
-# architectures built like the tiny ones (random, offline, byte-level tokens) by swapping ARCHITECTURES' entries
-SIZES = {"tiny": {}, "mid": {"tiny text": ("gpt2", dict(vocab_size=257, n_positions=512, n_embd=512, n_layer=8, n_head=8,
-                                                         bos_token_id=256, eos_token_id=256)),
-                             "tiny vision": ("dinov2", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-                                                            image_size=224, patch_size=14))}}
+# architectures built like the tiny ones (random, offline, byte-level tokens) by swapping
+# demo.TINY's entries
+SIZES = {
+    "tiny": {},
+    "mid": {
+        ("tiny", "text"): (
+            "gpt2",
+            dict(
+                vocab_size=257,
+                n_positions=512,
+                n_embd=512,
+                n_layer=8,
+                n_head=8,
+                bos_token_id=256,
+                eos_token_id=256,
+            ),
+        ),
+        ("tiny", "vision"): (
+            "dinov2",
+            dict(
+                hidden_size=384,
+                num_hidden_layers=6,
+                num_attention_heads=6,
+                image_size=224,
+                patch_size=14,
+            ),
+        ),
+    },
+}
 
 
 def matmul_flops():
-    """Peak FLOP/s to measure MFU against: the GPU's bf16 dense peak (H100/H200 SXM: 989e12), else this CPU's
-    best fp32 matmul rate (a peak: the fastest of many runs, so a busy moment does not lower it)."""
+    """Peak FLOP/s to measure MFU against: the GPU's bf16 dense peak (H100/H200 SXM: 989e12), else
+    this CPU's best fp32 matmul rate (a peak: the fastest of many runs, so a busy moment does not
+    lower it)."""
     if DEVICE.type == "cuda":
         return 989e12
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return 2 * 1024 ** 3 / min(timed(lambda: a @ b, 1, warmup=0) for _ in range(50))
+    return 2 * 1024**3 / min(timed(lambda: a @ b, 1, warmup=0) for _ in range(50))
 
 
 def model_flops(model, images, captions, max_length):
-    """Model FLOPs of one stage-1 step (no recompute): 6 x params x tokens for the trained image tower,
-    4 x params x tokens for the frozen LM (forward, and backward to its activations only). Attention scores
-    are left out (a few % at these lengths)."""
+    """Model FLOPs of one stage-1 step (no recompute): 6 x params x tokens for the trained image
+    tower, 4 x params x tokens for the frozen LM (forward, and backward to its activations only).
+    Attention scores are left out (a few % at these lengths)."""
     vit = sum(p.numel() for p in model.image_tower.parameters())
-    lm = sum(p.numel() for n, p in model.text_tower.named_parameters() if "wte" not in n and "wpe" not in n)
+    lm = sum(
+        p.numel()
+        for n, p in model.text_tower.named_parameters()
+        if "wte" not in n and "wpe" not in n
+    )
     patches = (images.shape[-1] // model.image_tower.model.config.patch_size) ** 2 + 1
     unique = list(dict.fromkeys(captions))
-    tokens = sum(min(len(model.text_tower.tokenizer(c, add_special_tokens=False)["input_ids"]) + 1, max_length) for c in unique)
+    tokens = sum(
+        min(
+            len(model.text_tower.tokenizer(c, add_special_tokens=False)["input_ids"]) + 1,
+            max_length,
+        )
+        for c in unique
+    )
     return 6 * vit * patches * len(captions) + 4 * lm * tokens
 
 
 def naive_text(tower, captions, length=64):
     """The public code's text handling: every caption (duplicates too) padded to 64 tokens."""
-    ids = [tower.tokenizer(c, add_special_tokens=False)["input_ids"][:length - 1] + [tower.eos_id] for c in captions]
+    ids = [
+        tower.tokenizer(c, add_special_tokens=False)["input_ids"][: length - 1] + [tower.eos_id]
+        for c in captions
+    ]
     input_ids = torch.tensor([x + [tower.eos_id] * (length - len(x)) for x in ids], device=DEVICE)
     mask = torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in ids], device=DEVICE)
-    return tower.pool_at_eos(torch.tensor([len(x) - 1 for x in ids], device=DEVICE), input_ids=input_ids, attention_mask=mask)
+    return tower.pool_at_eos(
+        torch.tensor([len(x) - 1 for x in ids], device=DEVICE),
+        input_ids=input_ids,
+        attention_mask=mask,
+    )
 
 
 def peak_memory_mb(fn):
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         fn()
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+        return torch.cuda.max_memory_allocated() / 2**20
     fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's high-water mark so far
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # the process's high-water mark so far
 
 
 def build(label, cfg):
-    """A CLEFT of one benchmark size. 'paper': BioMedLM + DINOv2 ViT-B/14 shapes with random weights (GPU only;
-    byte-level tokens, so captions are longer than BioMedLM's BPE would make them)."""
+    """A CLEFT of one benchmark size. 'paper': BioMedLM + DINOv2 ViT-B/14 shapes with random weights
+    (GPU only; byte-level tokens, so captions are longer than BioMedLM's BPE would make them)."""
     if label != "paper":
-        with patch.dict(cleft.ARCHITECTURES, SIZES[label]):
+        with patch.dict(demo.TINY, SIZES[label]):
             return cleft.CLEFT(cfg).to(DEVICE)
-    with torch.device(DEVICE):  # the architectures from their stored configs, randomly initialised on the device
-        model = cleft.CLEFT(replace(cfg, text_model="stanford-crfm/BioMedLM", vision_model="facebook/dinov2-base", dry_run=True))
-    model.text_tower.tokenizer = cleft.tiny_tokenizer()
+    with torch.device(
+        DEVICE
+    ):  # the architectures from their stored configs, randomly initialised on the device
+        paper = replace(
+            cfg, text_model="stanford-crfm/BioMedLM", vision_model="facebook/dinov2-base"
+        )
+        model = cleft.CLEFT(paper, weights=False)
+    model.text_tower.tokenizer = demo.tiny_tokenizer()
     model.text_tower.eos_id = model.text_tower.pad_id = 256
     return model
 
@@ -173,48 +260,96 @@ def stage1(steps, batch):
     configs = [("tiny", 112), ("mid", 224)] + ([("paper", 224)] if DEVICE.type == "cuda" else [])
     peak = matmul_flops()
     _, autocast = cleft.autocast_for("auto", DEVICE)
-    names = ["atelectasis", "cardiomegaly", "consolidation", "edema", "pleural effusion", "no finding"]
-    captions = [cleft.CAPTION_PREFIX + names[i % 6] + (", support devices" if i % 7 == 0 else "") for i in range(batch)]
+    names = [
+        "atelectasis",
+        "cardiomegaly",
+        "consolidation",
+        "edema",
+        "pleural effusion",
+        "no finding",
+    ]
+    captions = [
+        cleft.CAPTION_PREFIX + names[i % 6] + (", support devices" if i % 7 == 0 else "")
+        for i in range(batch)
+    ]
     rows = []
     for label, size in configs:
         for checkpointing in (True, False):
             for text_handling in ("ours", "public code"):
-                cfg = replace(cleft.parse_config([]), image_size=size, grad_checkpointing=checkpointing)
+                cfg = replace(
+                    cleft.parse_config([]), image_size=size, grad_checkpointing=checkpointing
+                )
                 model = build(label, cfg).train()
                 if text_handling == "public code":
-                    model.text_tower.forward = lambda c, tower=model.text_tower: naive_text(tower, c)
-                optimizer = cleft.make_optimizer(model, cfg, DEVICE)
-                images = torch.rand(batch, 1, size, size, device=DEVICE)  # as the loader hands them over
+                    model.text_tower.forward = lambda c, tower=model.text_tower: naive_text(
+                        tower, c
+                    )
+                optimizer = cleft.make_optimizer(
+                    model, cfg.lr, cfg.weight_decay, DEVICE.type == "cuda"
+                )
+                images = torch.rand(
+                    batch, 1, size, size, device=DEVICE
+                )  # as the loader hands them over
 
                 def step():
-                    cleft.train_step(model, images, captions, cfg, autocast)
+                    cleft.train_step(model, images, captions, autocast)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                seconds = timed(step, steps * (4 if label == "tiny" else 1))  # tiny steps are short: more of them
+
+                seconds = timed(
+                    step, steps * (4 if label == "tiny" else 1)
+                )  # tiny steps are short: more of them
                 memory = peak_memory_mb(step)
                 mfu = model_flops(model, images, captions, cfg.max_length) / seconds / peak
-                rows.append([label, "on" if checkpointing else "off", text_handling, f"{1000 * seconds:.0f}",
-                             f"{batch / seconds:.1f}", f"{memory:.0f}", f"{100 * mfu:.1f}%"])
+                rows.append(
+                    [
+                        label,
+                        "on" if checkpointing else "off",
+                        text_handling,
+                        f"{1000 * seconds:.0f}",
+                        f"{batch / seconds:.1f}",
+                        f"{memory:.0f}",
+                        f"{100 * mfu:.1f}%",
+                    ]
+                )
                 gc.collect()
     memory = "peak GPU MiB" if DEVICE.type == "cuda" else "process peak RSS MiB"
-    table(f"2. Stage-1 step, batch {batch} (peak for MFU: {peak / 1e9:.0f} GFLOP/s)",
-          ["config", "checkpointing", "text handling", "ms/step", "images/s", memory, "MFU"], rows)
+    table(
+        f"2. Stage-1 step, batch {batch} (peak for MFU: {peak / 1e9:.0f} GFLOP/s)",
+        ["config", "checkpointing", "text handling", "ms/step", "images/s", memory, "MFU"],
+        rows,
+    )
 
 
-# ---------------------------------------------------------------------------- 3. stage-2 step, 4. evaluation
+# ------------------------------------------------------------------ 3. stage-2 step, 4. evaluation
+
 
 def stage2_and_eval(folder, steps):
     torch.manual_seed(0)
-    model = cleft.CLEFT(replace(cleft.parse_config([]), lora_dropout=0.0)).to(DEVICE).eval().requires_grad_(False)
+    model = (
+        cleft.CLEFT(replace(cleft.parse_config([]), lora_dropout=0.0))
+        .to(DEVICE)
+        .eval()
+        .requires_grad_(False)
+    )
     learner = prompt_tune.PromptLearner(model, cleft.FIVE_CLASSES, 30)
     optimizer = torch.optim.SGD([learner.context], lr=1e-3, momentum=0.9)
     paths = [folder / f"eval{i}.jpg" for i in range(1000)]
     for i, path in enumerate(paths):
-        Image.fromarray(cleft.render_xray(["Edema"], np.random.default_rng(i))).save(path, quality=90)
+        Image.fromarray(demo.render_xray(["Edema"], np.random.default_rng(i))).save(
+            path, quality=90
+        )
     records = [(str(p), i % 5) for i, p in enumerate(paths)]
-    cfg = replace(cleft.parse_config([]), num_workers=min(4, os.cpu_count() or 1))
-    loader = cleft.make_loader(cleft.XrayDataset(records, 112), cleft.eval_batches(len(records), 64, pad=True), cfg, DEVICE)
-    seconds = timed(lambda: cleft.embed_images(model, loader, len(records), nullcontext()), 1, warmup=0)
+    workers = min(4, os.cpu_count() or 1)
+    loader = cleft.make_loader(
+        cleft.XrayDataset(records, 112),
+        cleft.eval_batches(len(records), 64, pad=True),
+        workers,
+        DEVICE,
+    )
+    seconds = timed(
+        lambda: cleft.embed_images(model, loader, len(records), nullcontext()), 1, warmup=0
+    )
     features, labels = cleft.embed_images(model, loader, 36, nullcontext())
     images = torch.stack([cleft.load_image(p, 112) for p, _ in records[:36]]).to(DEVICE)
     labels = torch.tensor([c for _, c in records[:36]], device=DEVICE)
@@ -222,26 +357,53 @@ def stage2_and_eval(folder, steps):
 
     def step(recompute):
         image_features = model.encode_image(images) if recompute else cached_features
-        loss = F.cross_entropy(prompt_tune.zero_shot_logits(model, image_features, learner.class_features(model)), labels)
+        loss = F.cross_entropy(
+            prompt_tune.zero_shot_logits(model, image_features, learner.class_features(model)),
+            labels,
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
     cached, fresh = timed(lambda: step(False), steps), timed(lambda: step(True), steps)
-    table("3. Stage-2 step, batch 36, tiny model (ms/step)", ["cached image features", "recomputed", "ratio"],
-          [[f"{1000 * cached:.1f}", f"{1000 * fresh:.1f}", f"{fresh / cached:.2f}x"]])
-    table("4. Evaluation, tiny model", ["task", "images", "images/s"], [["zero-shot image features", "1000", f"{1000 / seconds:.0f}"]])
+    table(
+        "3. Stage-2 step, batch 36, tiny model (ms/step)",
+        ["cached image features", "recomputed", "ratio"],
+        [[f"{1000 * cached:.1f}", f"{1000 * fresh:.1f}", f"{fresh / cached:.2f}x"]],
+    )
+    table(
+        "4. Evaluation, tiny model",
+        ["task", "images", "images/s"],
+        [["zero-shot image features", "1000", f"{1000 / seconds:.0f}"]],
+    )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per stage-1 / stage-2 configuration")
-    parser.add_argument("--batch", type=int, default=36 if torch.cuda.is_available() else 16, help="stage-1 batch")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps", type=int, default=5, help="timed steps per stage-1 / stage-2 configuration"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=36 if torch.cuda.is_available() else 16, help="stage-1 batch"
+    )
     parser.add_argument("--images", type=int, default=8, help="JPEGs per size in part 1")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes in part 1b")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="loader processes in part 1b"
+    )
     parser.add_argument("--parts", default="1234", help="which parts to run")
     args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}; "
-          f"torch {torch.__version__}")
+    print(
+        "device: "
+        + (
+            torch.cuda.get_device_name()
+            if DEVICE.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads"
+        )
+        + "; "
+        f"torch {torch.__version__}"
+    )
     with tempfile.TemporaryDirectory() as folder:
         if "1" in args.parts:
             input_pipeline(Path(folder), args.images, args.workers)

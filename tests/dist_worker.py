@@ -1,6 +1,9 @@
-"""Run under `torchrun --nproc_per_node=N tests/dist_worker.py OUT.pt [--multi-positive] [--accum-steps K]`: each
-rank takes its slice of one fixed global batch and runs cleft.train_step under DDP; rank 0 saves the mean loss
-and the (DDP-averaged) gradients. test_distributed.py compares them with one process on the whole batch."""
+"""Run under `torchrun --nproc_per_node=N tests/dist_worker.py OUT.pt [--multi-positive] [--accum-
+steps K]`: each rank takes its slice of one fixed global batch and runs cleft.train_step under DDP;
+rank 0 saves the mean loss and the (DDP-averaged) gradients. test_distributed.py compares them with
+one process on the whole batch."""
+
+import gc
 import sys
 from contextlib import nullcontext
 
@@ -9,26 +12,39 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import cleft
-from conftest import tiny_config, tiny_model
+from conftest import tiny_model
 
 
 def global_batch(size=8):
     g = torch.Generator().manual_seed(1)
     images = torch.randn(size, 3, 112, 112, generator=g)
-    captions = [cleft.CAPTION_PREFIX + name for name in ["edema", "cardiomegaly", "edema", "no finding",
-                                                          "atelectasis", "edema", "no finding", "pleural effusion"]]
+    captions = [
+        cleft.CAPTION_PREFIX + name
+        for name in [
+            "edema",
+            "cardiomegaly",
+            "edema",
+            "no finding",
+            "atelectasis",
+            "edema",
+            "no finding",
+            "pleural effusion",
+        ]
+    ]
     return images, captions[:size]
 
 
 def loss_and_grads(model, images, captions, multi_positive=False, accum_steps=1):
-    """One training step's loss and gradients for this rank's pairs (cleft.train_step, as in cleft.main)."""
+    """One training step's loss and gradients for this rank's pairs (cleft.train_step, as in
+    cleft.main)."""
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     with torch.no_grad():  # LoRA B starts at zero; make every trainable tensor matter
         for p in raw.text_tower.parameters():
             if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    cfg = tiny_config(multi_positive=multi_positive, accum_steps=accum_steps)
-    loss = cleft.train_step(model, images, captions, cfg, nullcontext())
+                p.add_(
+                    0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                )
+    loss = cleft.train_step(model, images, captions, nullcontext(), accum_steps, multi_positive)
     return loss, {n: p.grad.clone() for n, p in raw.named_parameters() if p.requires_grad}
 
 
@@ -39,9 +55,15 @@ if __name__ == "__main__":
     images, captions = global_batch()
     per_rank = len(captions) // world_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    accum_steps = int(sys.argv[sys.argv.index("--accum-steps") + 1]) if "--accum-steps" in sys.argv else 1
-    loss, grads = loss_and_grads(model, images[mine], captions[mine], "--multi-positive" in sys.argv, accum_steps)
+    accum_steps = (
+        int(sys.argv[sys.argv.index("--accum-steps") + 1]) if "--accum-steps" in sys.argv else 1
+    )
+    loss, grads = loss_and_grads(
+        model, images[mine], captions[mine], "--multi-positive" in sys.argv, accum_steps
+    )
     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
     if rank == 0:
         torch.save({"loss": loss, "grads": grads}, sys.argv[1])
+    del model  # DDP holds the process group: free it first, or gloo can abort at exit
+    gc.collect()
     dist.destroy_process_group()

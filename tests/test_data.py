@@ -1,5 +1,6 @@
 """CheXpert parsing (captions, frontal filter, uncertain/blank labels, patient split, 5x200 rule and
 exclusion), the pairs CSV, image loading, unreadable images, and the samplers."""
+
 import csv
 import os
 from pathlib import Path
@@ -10,30 +11,52 @@ import torch
 from PIL import Image
 
 import cleft
+import evaluate
+import image_io
 
 
 def row(**labels):
     """A CheXpert train.csv row with the given labels (others blank)."""
     base = {c: "" for c in cleft.CHEXPERT_COLUMNS}
-    base.update({"Path": "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", "Frontal/Lateral": "Frontal"})
+    base.update(
+        {
+            "Path": "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg",
+            "Frontal/Lateral": "Frontal",
+        }
+    )
     base.update({name.replace("_", " "): value for name, value in labels.items()})
     return base
 
 
 def test_caption_uses_positive_findings_in_header_order():
-    r = row(Pleural_Effusion="1.0", Cardiomegaly="1.0", Edema="-1.0", Atelectasis="0.0", Fracture="")
-    assert cleft.caption_from_labels(r) == "this is a chest x ray of a patient with cardiomegaly, pleural effusion"
-    assert cleft.caption_from_labels(row(Edema="-1.0")) == "this is a chest x ray of a patient with no finding"
-    assert cleft.caption_from_labels(row(No_Finding="1.0")) == "this is a chest x ray of a patient with no finding"
+    r = row(
+        Pleural_Effusion="1.0", Cardiomegaly="1.0", Edema="-1.0", Atelectasis="0.0", Fracture=""
+    )
+    assert (
+        cleft.caption_from_labels(r)
+        == "this is a chest x ray of a patient with cardiomegaly, pleural effusion"
+    )
+    assert (
+        cleft.caption_from_labels(row(Edema="-1.0"))
+        == "this is a chest x ray of a patient with no finding"
+    )
+    assert (
+        cleft.caption_from_labels(row(No_Finding="1.0"))
+        == "this is a chest x ray of a patient with no finding"
+    )
 
 
 def test_five_class_rule():
     assert cleft.five_class_index(row(Edema="1.0")) == 3
-    assert cleft.five_class_index(row(Edema="1.0", Cardiomegaly="0.0", No_Finding="1.0")) == 3  # No Finding unchecked
+    assert (
+        cleft.five_class_index(row(Edema="1.0", Cardiomegaly="0.0", No_Finding="1.0")) == 3
+    )  # No Finding unchecked
     assert cleft.five_class_index(row(Edema="1.0", Cardiomegaly="1.0")) is None  # two classes
     assert cleft.five_class_index(row(Edema="1.0", Atelectasis="-1.0")) is None  # uncertain
     assert cleft.five_class_index(row(Edema="1.0", Pneumonia="-1.0")) is None
-    assert cleft.five_class_index(row(Edema="1.0", Support_Devices="1.0")) is None  # another finding
+    assert (
+        cleft.five_class_index(row(Edema="1.0", Support_Devices="1.0")) is None
+    )  # another finding
     assert cleft.five_class_index(row(Lung_Opacity="1.0")) is None
 
 
@@ -44,32 +67,49 @@ def read(path):
 
 def test_build_5x200_picks_only_rows_that_satisfy_the_rule(demo_root):
     rows = read(demo_root / "train.csv")
-    chosen = cleft.build_5x200(rows, per_class=10, seed=3)
+    chosen = evaluate.build_5x200(rows, per_class=10, seed=3)
     assert len(chosen) == 50 and len({r["Path"] for r in chosen}) == 50
     assert [sum(cleft.five_class_index(r) == c for r in chosen) for c in range(5)] == [10] * 5
     assert all(r["Frontal/Lateral"] == "Frontal" for r in chosen)
-    assert all(v != "-1.0" for r in chosen for k, v in r.items() if k in cleft.FIVE_CLASSES + cleft.MUST_BE_ABSENT)
-    assert chosen == cleft.build_5x200(rows, per_class=10, seed=3)  # seeded
+    assert all(
+        v != "-1.0"
+        for r in chosen
+        for k, v in r.items()
+        if k in cleft.FIVE_CLASSES + cleft.MUST_BE_ABSENT
+    )
+    assert chosen == evaluate.build_5x200(rows, per_class=10, seed=3)  # seeded
     with pytest.raises(SystemExit, match="fewer than"):
-        cleft.build_5x200(rows, per_class=10_000)
+        evaluate.build_5x200(rows, per_class=10_000)
 
 
 def test_chexpert_splits(demo_root):
-    splits = cleft.load_splits(cleft.parse_config(["--data", "chexpert", "--data-root", str(demo_root)]))
+    splits = cleft.load_splits(
+        cleft.parse_config(["--data", "chexpert", "--data-root", str(demo_root)])
+    )
     rows = read(demo_root / "train.csv")
-    assert any(r["Frontal/Lateral"] == "Lateral" for r in rows)  # the demo has lateral views to filter
+    assert any(
+        r["Frontal/Lateral"] == "Lateral" for r in rows
+    )  # the demo has lateral views to filter
     for name in ("train", "val"):
-        assert splits[name] and all(path.endswith("_frontal.jpg") and Path(path).exists() for path, _ in splits[name])
+        assert splits[name] and all(
+            path.endswith("_frontal.jpg") and Path(path).exists() for path, _ in splits[name]
+        )
         assert all(caption.startswith(cleft.CAPTION_PREFIX) for _, caption in splits[name])
     patients = {name: {cleft.patient_id(p) for p, _ in splits[name]} for name in splits}
     assert not patients["train"] & patients["val"]  # split by patient
-    assert not patients["test"] & (patients["train"] | patients["val"])  # 5x200 patients never pre-trained on
+    assert not patients["test"] & (
+        patients["train"] | patients["val"]
+    )  # 5x200 patients never pre-trained on
     assert len(splits["test"]) == 50 and sorted({c for _, c in splits["test"]}) == [0, 1, 2, 3, 4]
     frontal = [r for r in rows if r["Frontal/Lateral"] == "Frontal"]
     kept = len(splits["train"]) + len(splits["val"])
     assert kept == sum(cleft.patient_id(r["Path"]) not in patients["test"] for r in frontal)
-    assert 0.02 < len(patients["val"]) / (len(patients["train"]) + len(patients["val"])) < 0.08  # about 5%
-    again = cleft.load_splits(cleft.parse_config(["--data", "chexpert", "--data-root", str(demo_root), "--seed", "7"]))
+    assert (
+        0.02 < len(patients["val"]) / (len(patients["train"]) + len(patients["val"])) < 0.08
+    )  # about 5%
+    again = cleft.load_splits(
+        cleft.parse_config(["--data", "chexpert", "--data-root", str(demo_root), "--seed", "7"])
+    )
     assert again == splits  # the split does not move with the training seed
 
 
@@ -77,34 +117,54 @@ def test_pairs_csv(tmp_path):
     (tmp_path / "images").mkdir()
     for i in range(40):
         Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "images" / f"{i}.jpg")
-    (tmp_path / "pairs.csv").write_text("image,text\n" + "".join(f"images/{i}.jpg,report {i}\n" for i in range(40)))
-    splits = cleft.load_splits(cleft.parse_config(["--data", "csv", "--data-root", str(tmp_path / "pairs.csv")]))
+    (tmp_path / "pairs.csv").write_text(
+        "image,text\n" + "".join(f"images/{i}.jpg,report {i}\n" for i in range(40))
+    )
+    splits = cleft.load_splits(
+        cleft.parse_config(["--data", "csv", "--data-root", str(tmp_path / "pairs.csv")])
+    )
     assert len(splits["train"]) == 38 and len(splits["val"]) == 2 and splits["test"] == []
-    assert all(Path(path).exists() and text == f"report {Path(path).stem}" for path, text in splits["train"] + splits["val"])
+    assert all(
+        Path(path).exists() and text == f"report {Path(path).stem}"
+        for path, text in splits["train"] + splits["val"]
+    )
     (tmp_path / "bad.csv").write_text("path,caption\na.jpg,x\n")
     with pytest.raises(SystemExit, match=r"lacks the column\(s\) \['image', 'text'\]"):
-        cleft.load_splits(cleft.parse_config(["--data", "csv", "--data-root", str(tmp_path / "bad.csv")]))
+        cleft.load_splits(
+            cleft.parse_config(["--data", "csv", "--data-root", str(tmp_path / "bad.csv")])
+        )
     with pytest.raises(SystemExit, match="does not exist"):
-        cleft.load_splits(cleft.parse_config(["--data", "chexpert", "--data-root", str(tmp_path / "nowhere")]))
+        cleft.load_splits(
+            cleft.parse_config(["--data", "chexpert", "--data-root", str(tmp_path / "nowhere")])
+        )
 
 
 def test_load_image_keeps_aspect_and_is_deterministic_for_eval(tmp_path):
-    # left half black, right half white, on a wide image: a centre crop keeps the boundary in the middle
+    # left half black, right half white, on a wide image: a centre crop keeps the boundary in the
+    # middle
     pixels = np.zeros((300, 600), np.uint8)
     pixels[:, 300:] = 255
     Image.fromarray(pixels).save(tmp_path / "wide.png")
     image = cleft.load_image(tmp_path / "wide.png", 64)
     assert image.shape == (1, 64, 64)
     gray = image[0]
-    assert gray[:, :30].max() < 0.05 and gray[:, 34:].min() > 0.95  # not squashed: one edge, in the centre
+    assert (
+        gray[:, :30].max() < 0.05 and gray[:, 34:].min() > 0.95
+    )  # not squashed: one edge, in the centre
     torch.testing.assert_close(image, cleft.load_image(tmp_path / "wide.png", 64))
-    augmented = [cleft.load_image(tmp_path / "wide.png", 64, np.random.default_rng(s)) for s in (1, 2)]
+    augmented = [
+        cleft.load_image(tmp_path / "wide.png", 64, np.random.default_rng(s)) for s in (1, 2)
+    ]
     assert not torch.equal(augmented[0], augmented[1])
-    torch.testing.assert_close(augmented[0], cleft.load_image(tmp_path / "wide.png", 64, np.random.default_rng(1)))
+    torch.testing.assert_close(
+        augmented[0], cleft.load_image(tmp_path / "wide.png", 64, np.random.default_rng(1))
+    )
 
 
 def test_large_jpeg_is_decoded_reduced(tmp_path):
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2800, 2400), dtype=np.uint8)).save(tmp_path / "big.jpg")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2800, 2400), dtype=np.uint8)).save(
+        tmp_path / "big.jpg"
+    )
     with Image.open(tmp_path / "big.jpg") as image:
         image.draft("L", (224, 224))
         assert image.size == (300, 350)  # decoded at 1/8 scale, still above 224
@@ -112,31 +172,53 @@ def test_large_jpeg_is_decoded_reduced(tmp_path):
 
 
 def test_other_formats_are_reduced_by_a_whole_factor(tmp_path):
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1300, 1000), dtype=np.uint8)).save(tmp_path / "big.png")
-    assert cleft.decode_xray(tmp_path / "big.png", 224).size == (250, 325)  # 1000 // 224 = 4
-    assert cleft.decode_xray(tmp_path / "big.png", 600).size == (1000, 1300)  # no whole factor keeps 600
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1300, 1000), dtype=np.uint8)).save(
+        tmp_path / "big.png"
+    )
+    assert image_io.decode_xray(tmp_path / "big.png", 224).size == (250, 325)  # 1000 // 224 = 4
+    assert image_io.decode_xray(tmp_path / "big.png", 600).size == (
+        1000,
+        1300,
+    )  # no whole factor keeps 600
 
 
 def test_image_cache_gives_the_same_views_without_decoding_again(tmp_path, monkeypatch):
     path, cache = tmp_path / "big.jpg", tmp_path / "cache"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1000), dtype=np.uint8)).save(path)
-    views = lambda **kw: [cleft.load_image(path, 64, **kw), cleft.load_image(path, 64, np.random.default_rng(3), **kw)]
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1000), dtype=np.uint8)).save(
+        path
+    )
+    views = lambda **kw: [
+        cleft.load_image(path, 64, **kw),
+        cleft.load_image(path, 64, np.random.default_rng(3), **kw),
+    ]
     expected = views()
     first = views(cache=cache)  # decodes and stores
     entries = list(cache.glob("*/*.npy"))
-    assert len(entries) == 1 and np.load(entries[0]).shape == (150, 125)  # the 1/8-scale decode, not the full image
+    assert len(entries) == 1 and np.load(entries[0]).shape == (
+        150,
+        125,
+    )  # the 1/8-scale decode, not the full image
     with monkeypatch.context() as patched:
-        patched.setattr(cleft, "decode_xray", lambda *args: pytest.fail("decoded although cached"))
+        patched.setattr(
+            image_io, "decode_xray", lambda *args: pytest.fail("decoded although cached")
+        )
         second = views(cache=cache)
     for a, b, c in zip(expected, first, second):
         assert torch.equal(a, b) and torch.equal(a, c)
 
-    entries[0].write_bytes(entries[0].read_bytes()[:100])  # a damaged entry is decoded again and replaced
+    entries[0].write_bytes(
+        entries[0].read_bytes()[:100]
+    )  # a damaged entry is decoded again and replaced
     assert torch.equal(cleft.load_image(path, 64, cache=cache), expected[0])
     assert np.load(entries[0]).shape == (150, 125)
 
-    Image.fromarray(np.zeros((1200, 1000), np.uint8)).save(path)  # a changed file is never served stale
-    assert cleft.load_image(path, 64, cache=cache).abs().max() == 0 and len(list(cache.glob("*/*.npy"))) == 2
+    Image.fromarray(np.zeros((1200, 1000), np.uint8)).save(
+        path
+    )  # a changed file is never served stale
+    assert (
+        cleft.load_image(path, 64, cache=cache).abs().max() == 0
+        and len(list(cache.glob("*/*.npy"))) == 2
+    )
 
 
 def test_an_unwritable_image_cache_costs_speed_not_images(tmp_path, monkeypatch):
@@ -144,33 +226,48 @@ def test_an_unwritable_image_cache_costs_speed_not_images(tmp_path, monkeypatch)
     expected = cleft.load_image(tmp_path / "a.png", 64)
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     with pytest.warns(UserWarning, match="cannot write to the image cache"):
-        torch.testing.assert_close(cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache"), expected)
+        torch.testing.assert_close(
+            cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache"), expected
+        )
 
     def disk_full(file, array):
         file.write(b"partial")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(np, "save", disk_full)
     with pytest.warns(UserWarning, match="No space left on device"):
-        torch.testing.assert_close(cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache2"), expected)
+        torch.testing.assert_close(
+            cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache2"), expected
+        )
     assert list((tmp_path / "cache2").rglob("*.*")) == []  # the partly written entry is gone
 
 
 def test_worker_count_shares_the_cores_among_the_ranks_of_a_node(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    loader = lambda workers: cleft.make_loader([], [], cleft.Config(num_workers=workers), torch.device("cpu"))
-    assert loader(-1).num_workers == 7 and loader(3).num_workers == 3  # 16 cores / 2 ranks, one left for each rank
+    loader = lambda workers: cleft.make_loader([], [], workers, torch.device("cpu"))
+    assert (
+        loader(-1).num_workers == 7 and loader(3).num_workers == 3
+    )  # 16 cores / 2 ranks, one left for each rank
 
 
 def test_unreadable_images_are_skipped(tmp_path, capsys):
     Image.fromarray(np.full((40, 40), 200, np.uint8)).save(tmp_path / "good.jpg")
     (tmp_path / "truncated.jpg").write_bytes((tmp_path / "good.jpg").read_bytes()[:200])
-    dataset = cleft.XrayDataset([(str(tmp_path / "missing.jpg"), "a"), (str(tmp_path / "truncated.jpg"), "b"),
-                                 (str(tmp_path / "good.jpg"), "c")], image_size=32)
+    dataset = cleft.XrayDataset(
+        [
+            (str(tmp_path / "missing.jpg"), "a"),
+            (str(tmp_path / "truncated.jpg"), "b"),
+            (str(tmp_path / "good.jpg"), "c"),
+        ],
+        image_size=32,
+    )
     for index, skipped in [(0, "missing.jpg"), (1, "truncated.jpg"), (2, "")]:
         image, caption, unreadable = dataset[(index, None)]
         assert caption == "c" and image.shape == (1, 32, 32)  # the next readable item stands in
-        assert unreadable == (str(tmp_path / skipped) if skipped else "")  # and the first skipped one is named
+        assert unreadable == (
+            str(tmp_path / skipped) if skipped else ""
+        )  # and the first skipped one is named
     errors = capsys.readouterr().err
     assert "missing.jpg" in errors and "truncated.jpg" in errors
 
@@ -180,6 +277,7 @@ def test_train_batches_are_the_same_global_batches_for_any_world_size(monkeypatc
         monkeypatch.setattr(cleft, "world", lambda: (rank, world_size))
         it = iter(cleft.TrainBatches(n=50, batch_size=12, seed=5, start_step=start_step))
         return [next(it) for _ in range(count)]
+
     one = batches(1, 0)
     two = [a + b for a, b in zip(batches(2, 0), batches(2, 1))]
     assert one == two
@@ -194,4 +292,7 @@ def test_eval_batches_cover_the_data_in_order(monkeypatch):
     padded = cleft.eval_batches(10, batch_size=4, pad=True)
     assert [[i for i, _ in b] for b in padded] == [[2, 3], [6, 7], [9, 9]]
     assert all(seed is None for b in padded for _, seed in b)  # no augmentation
-    assert [[i for i, _ in b] for b in cleft.eval_batches(10, batch_size=4, pad=False)] == [[2, 3], [6, 7]]
+    assert [[i for i, _ in b] for b in cleft.eval_batches(10, batch_size=4, pad=False)] == [
+        [2, 3],
+        [6, 7],
+    ]

@@ -1,4 +1,6 @@
-"""Two gloo processes on halves of a global batch give the loss and gradients of one process on all of it."""
+"""Two gloo processes on halves of a global batch give the loss and gradients of one process on all
+of it."""
+
 import os
 import subprocess
 import sys
@@ -15,14 +17,27 @@ TESTS = Path(__file__).parent
 
 def torchrun(*args, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                           *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("multi_positive, accum_steps", [(False, 1), (True, 1), (False, 2)])
 def test_two_processes_equal_one(tmp_path, multi_positive, accum_steps):
-    """With --accum-steps 2 each rank runs 2 micro-batches (gradient cache, DDP synchronised on the last)."""
+    """With --accum-steps 2 each rank runs 2 micro-batches (gradient cache, DDP synchronised on the
+    last)."""
     out = tmp_path / "two.pt"
     flags = (["--multi-positive"] if multi_positive else []) + ["--accum-steps", str(accum_steps)]
     result = torchrun(TESTS / "dist_worker.py", out, *flags)

@@ -1,5 +1,6 @@
-"""evaluate.py: metrics against brute force, the 5x200 builder, data-efficiency subsets, the learned prompt
-in zero-shot, the RSNA / EMBED / CSV readers, and a full --task all run on the demo."""
+"""evaluate.py: metrics against brute force, the 5x200 builder, data-efficiency subsets, the learned
+prompt in zero-shot, the RSNA / EMBED / CSV readers, and a full --task all run on the demo."""
+
 import csv
 import json
 import subprocess
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(*args):
-    return cleft.parse_config(list(args), evaluate.EvalConfig, evaluate.DEMO_DEFAULTS)
+    return cleft.parse_config(list(args), evaluate.EvalConfig)
 
 
 def brute_force_auc(scores, positive):
@@ -34,7 +35,9 @@ def test_binary_auc_equals_the_pair_count(seed):
     positive = rng.random(40) < 0.4
     assert evaluate.binary_auc(scores, positive) == pytest.approx(brute_force_auc(scores, positive))
     probabilities = np.stack([1 - scores, scores], axis=1)
-    assert evaluate.auc(probabilities, positive.astype(int)) == pytest.approx(100 * brute_force_auc(scores, positive))
+    assert evaluate.auc(probabilities, positive.astype(int)) == pytest.approx(
+        100 * brute_force_auc(scores, positive)
+    )
 
 
 def test_multiclass_auc_is_the_macro_one_vs_rest_mean():
@@ -52,7 +55,11 @@ def test_accuracy_and_recall_on_hand_made_cases():
     assert evaluate.accuracy(probabilities, np.array([0, 1, 1, 1])) == 75.0
     similarity = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8]])  # 2 queries, 3 items
     relevant = np.array([[False, True, False], [False, False, True]])
-    assert evaluate.recall_at_k(similarity, relevant, ks=(1, 2, 3)) == {"R@1": 50.0, "R@2": 50.0, "R@3": 100.0}
+    assert evaluate.recall_at_k(similarity, relevant, ks=(1, 2, 3)) == {
+        "R@1": 50.0,
+        "R@2": 50.0,
+        "R@3": 100.0,
+    }
 
 
 def write_rows(path, rows, columns):
@@ -64,8 +71,14 @@ def write_rows(path, rows, columns):
 
 def chexpert_row(patient, view="Frontal", **labels):
     row = {c: "" for c in cleft.CHEXPERT_COLUMNS}
-    row.update({"Path": f"CheXpert-v1.0-small/train/patient{patient:05d}/study1/view1_{view.lower()}.jpg",
-                "Frontal/Lateral": view, **{k.replace("_", " "): v for k, v in labels.items()}})
+    row.update(
+        {
+            "Path": f"CheXpert-v1.0-small/train/patient{patient:05d}/study1/"
+            f"view1_{view.lower()}.jpg",
+            "Frontal/Lateral": view,
+            **{k.replace("_", " "): v for k, v in labels.items()},
+        }
+    )
     return row
 
 
@@ -74,8 +87,16 @@ def test_build_5x200_writes_the_rule_and_excludes_its_patients(tmp_path):
     for name in cleft.FIVE_CLASSES:
         for i in range(230):
             patient += 1
-            rows.append(chexpert_row(patient, **{name.replace(" ", "_"): "1.0", "No_Finding": "", "Fracture": "0.0"}))
-    for bad in [dict(Edema="1.0", Atelectasis="-1.0"), dict(Edema="1.0", Cardiomegaly="1.0"), dict(Edema="1.0", Pneumonia="1.0")]:
+            rows.append(
+                chexpert_row(
+                    patient, **{name.replace(" ", "_"): "1.0", "No_Finding": "", "Fracture": "0.0"}
+                )
+            )
+    for bad in [
+        dict(Edema="1.0", Atelectasis="-1.0"),
+        dict(Edema="1.0", Cardiomegaly="1.0"),
+        dict(Edema="1.0", Pneumonia="1.0"),
+    ]:
         for i in range(50):
             patient += 1
             rows.append(chexpert_row(patient, **bad))
@@ -88,13 +109,20 @@ def test_build_5x200_writes_the_rule_and_excludes_its_patients(tmp_path):
     data = evaluate.load_data(cfg)
     with open(tmp_path / "chexpert_5x200.csv", newline="") as f:
         built = list(csv.DictReader(f))
-    assert len(built) == 1000 and [sum(cleft.five_class_index(r) == c for r in built) for c in range(5)] == [200] * 5
+    assert (
+        len(built) == 1000
+        and [sum(cleft.five_class_index(r) == c for r in built) for c in range(5)] == [200] * 5
+    )
     assert all(r["Frontal/Lateral"] == "Frontal" and "-1.0" not in r.values() for r in built)
     assert len(data.splits["test"]) == 1000
     test_patients = {cleft.patient_id(p) for p, _ in data.splits["test"]}
-    assert not test_patients & {cleft.patient_id(p) for p, _ in data.splits["train"] + data.splits["val"]}
-    # linear probe / fine-tune train on rows positive for exactly one of the five (not the stricter 5x200 rule):
-    # the 150 unused single-class rows, Edema with uncertain Atelectasis, Edema with Pneumonia; not Edema + Cardiomegaly
+    assert not test_patients & {
+        cleft.patient_id(p) for p, _ in data.splits["train"] + data.splits["val"]
+    }
+    # linear probe / fine-tune train on rows positive for exactly one of the five (not the stricter
+    # 5x200 rule):
+    # the 150 unused single-class rows, Edema with uncertain Atelectasis, Edema with Pneumonia; not
+    # Edema + Cardiomegaly
     assert len(data.splits["train"]) + len(data.splits["val"]) == 150 + 50 + 50
     assert data.prompts[4] == "this is a chest x ray of a patient with pleural effusion"
 
@@ -114,8 +142,11 @@ def test_zero_shot_with_a_prompt_file_uses_the_learned_context(demo_root, stage1
     model = cleft.load_model(stage1_ckpt).eval()
     device, autocast = torch.device("cpu"), torch.no_grad()
     hand_written = evaluate.zero_shot(model, data, cfg, device, autocast)
-    # a context initialised from the whole caption is the hand-written prompt: same result through the file
-    learner = prompt_tune.PromptLearner(model, data.class_texts, context_length=len(cleft.CAPTION_PREFIX.strip()))
+    # a context initialised from the whole caption is the hand-written prompt: same result through
+    # the file
+    learner = prompt_tune.PromptLearner(
+        model, data.class_texts, context_length=len(cleft.CAPTION_PREFIX.strip())
+    )
     prompt_tune.save_prompt(tmp_path / "init.safetensors", learner, data.classes, cfg)
     cfg.prompt = str(tmp_path / "init.safetensors")
     assert evaluate.zero_shot(model, data, cfg, device, autocast) == pytest.approx(hand_written)
@@ -127,8 +158,10 @@ def test_zero_shot_with_a_prompt_file_uses_the_learned_context(demo_root, stage1
 
 
 def test_rsna_split_matches_scikit_learn():
-    # golden value: train_test_split(range(23), test_size=0.3, random_state=0), then the rest halved the same
-    # way, as GLoRIA/MGCA do (computed once with scikit-learn 1.x; it is not a dependency of this project)
+    # golden value: train_test_split(range(23), test_size=0.3, random_state=0), then the rest halved
+    # the same
+    # way, as GLoRIA/MGCA do (computed once with scikit-learn 1.x; it is not a dependency of this
+    # project)
     split = evaluate.rsna_split([f"p{i:02d}" for i in range(23)])
     index = lambda ids: [int(p[1:]) for p in ids]
     assert index(split["train"]) == [22, 16, 8, 6, 17, 4, 2, 5, 18, 9, 7, 19, 3, 0, 15, 12]
@@ -139,49 +172,114 @@ def test_rsna_reader(tmp_path):
     (tmp_path / "stage_2_train_images").mkdir()
     rows = []
     for i in range(40):
-        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "stage_2_train_images" / f"id{i}.png")
-        rows.append({"patientId": f"id{i}", "x": "", "y": "", "width": "", "height": "", "Target": "0"})
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(
+            tmp_path / "stage_2_train_images" / f"id{i}.png"
+        )
+        rows.append(
+            {"patientId": f"id{i}", "x": "", "y": "", "width": "", "height": "", "Target": "0"}
+        )
         if i % 4 == 0:  # positive patients have one row per box, the first box may be listed as 0
-            rows.append({"patientId": f"id{i}", "x": "1", "y": "1", "width": "2", "height": "2", "Target": "1"})
-    write_rows(tmp_path / "stage_2_train_labels.csv", rows, ["patientId", "x", "y", "width", "height", "Target"])
+            rows.append(
+                {
+                    "patientId": f"id{i}",
+                    "x": "1",
+                    "y": "1",
+                    "width": "2",
+                    "height": "2",
+                    "Target": "1",
+                }
+            )
+    write_rows(
+        tmp_path / "stage_2_train_labels.csv",
+        rows,
+        ["patientId", "x", "y", "width", "height", "Target"],
+    )
     data = evaluate.load_data(config("--data", "rsna", "--data-root", str(tmp_path)))
     assert data.prompts == [cleft.CAPTION_PREFIX + "no finding", cleft.CAPTION_PREFIX + "pneumonia"]
     everything = data.splits["train"] + data.splits["val"] + data.splits["test"]
-    assert (len(data.splits["train"]), len(data.splits["val"]), len(data.splits["test"])) == (28, 6, 6)
-    assert sorted(everything) == sorted((str(tmp_path / "stage_2_train_images" / f"id{i}.png"), int(i % 4 == 0)) for i in range(40))
+    assert (len(data.splits["train"]), len(data.splits["val"]), len(data.splits["test"])) == (
+        28,
+        6,
+        6,
+    )
+    assert sorted(everything) == sorted(
+        (str(tmp_path / "stage_2_train_images" / f"id{i}.png"), int(i % 4 == 0)) for i in range(40)
+    )
 
 
 def test_embed_reader(tmp_path):
     clinical, metadata = [], []
     for p in range(30):
-        clinical.append({"empi_anon": f"e{p}", "acc_anon": f"a{p}", "side": "B" if p % 2 else "L",
-                         "asses": "NBSMAPK"[p % 7], "tissueden": str(1 + p % 5) + ".0"})
+        clinical.append(
+            {
+                "empi_anon": f"e{p}",
+                "acc_anon": f"a{p}",
+                "side": "B" if p % 2 else "L",
+                "asses": "NBSMAPK"[p % 7],
+                "tissueden": str(1 + p % 5) + ".0",
+            }
+        )
         for side in "LR":
-            metadata.append({"empi_anon": f"e{p}", "acc_anon": f"a{p}", "ImageLateralityFinal": side,
-                             "FinalImageType": "2D", "anon_dicom_path": f"/images/{p}{side}.dcm", "png_path": f"png/{p}{side}.png"})
+            metadata.append(
+                {
+                    "empi_anon": f"e{p}",
+                    "acc_anon": f"a{p}",
+                    "ImageLateralityFinal": side,
+                    "FinalImageType": "2D",
+                    "anon_dicom_path": f"/images/{p}{side}.dcm",
+                    "png_path": f"png/{p}{side}.png",
+                }
+            )
         metadata.append({**metadata[-1], "FinalImageType": "cview"})
     write_rows(tmp_path / "EMBED_OpenData_clinical.csv", clinical, list(clinical[0]))
     write_rows(tmp_path / "EMBED_OpenData_metadata.csv", metadata, list(metadata[0]))
     birads = evaluate.load_data(config("--data", "embed-birads", "--data-root", str(tmp_path)))
     everything = birads.splits["train"] + birads.splits["val"] + birads.splits["test"]
-    assert len(everything) == 45  # 15 patients with both sides (B) + 15 with the left only; C-views dropped
-    assert birads.classes == list("ANBPSMK") and birads.prompts[4].endswith("with birads score 4: suspicious abnormality")
+    assert (
+        len(everything) == 45
+    )  # 15 patients with both sides (B) + 15 with the left only; C-views dropped
+    assert birads.classes == list("ANBPSMK") and birads.prompts[4].endswith(
+        "with birads score 4: suspicious abnormality"
+    )
     assert (str(tmp_path / "png/3L.png"), birads.classes.index("M")) in everything
     density = evaluate.load_data(config("--data", "embed-density", "--data-root", str(tmp_path)))
-    labels = [c for _, c in density.splits["train"] + density.splits["val"] + density.splits["test"]]
+    labels = [
+        c for _, c in density.splits["train"] + density.splits["val"] + density.splits["test"]
+    ]
     assert len(labels) == 45 - 9 and set(labels) == {0, 1, 2, 3}  # density 5 excluded
-    assert density.prompts[2] == "this is a breast 2d full-field digital mammogram of a patient with breast tissue density 3: heterogeneously dense"
+    assert (
+        density.prompts[2] == "this is a breast 2d full-field digital mammogram of a patient with "
+        "breast tissue density 3: heterogeneously dense"
+    )
 
 
 def test_csv_reader(tmp_path):
-    rows = [{"image": f"{i}.png", "label": "cat" if i % 2 else "dog", "split": ["train", "val", "test"][i % 3],
-             "text": f"report {i}"} for i in range(30)]
+    rows = [
+        {
+            "image": f"{i}.png",
+            "label": "cat" if i % 2 else "dog",
+            "split": ["train", "val", "test"][i % 3],
+            "text": f"report {i}",
+        }
+        for i in range(30)
+    ]
     write_rows(tmp_path / "data.csv", rows, ["image", "label", "split", "text"])
-    cfg = config("--data", "csv", "--data-root", str(tmp_path / "data.csv"), "--classes", "dog,cat",
-                              "--prompts", "a photo of a dog; a photo of a cat")
+    cfg = config(
+        "--data",
+        "csv",
+        "--data-root",
+        str(tmp_path / "data.csv"),
+        "--classes",
+        "dog,cat",
+        "--prompts",
+        "a photo of a dog; a photo of a cat",
+    )
     data = evaluate.load_data(cfg)
     assert [len(data.splits[s]) for s in ("train", "val", "test")] == [10, 10, 10]
-    assert data.splits["test"][0] == (str(tmp_path / "2.png"), 0) and data.prompts == ["a photo of a dog", "a photo of a cat"]
+    assert data.splits["test"][0] == (str(tmp_path / "2.png"), 0) and data.prompts == [
+        "a photo of a dog",
+        "a photo of a cat",
+    ]
     assert data.pairs[0] == (str(tmp_path / "2.png"), "report 2")
     cfg.prompts = "only one"
     with pytest.raises(SystemExit, match="one prompt per class"):
@@ -190,21 +288,51 @@ def test_csv_reader(tmp_path):
 
 def test_every_task_on_the_demo_fills_the_table(demo_root, stage1_ckpt, tmp_path):
     prompt = tmp_path / "prompt.safetensors"
-    learner = prompt_tune.PromptLearner(cleft.load_model(stage1_ckpt), [c.lower() for c in cleft.FIVE_CLASSES], 39)
+    learner = prompt_tune.PromptLearner(
+        cleft.load_model(stage1_ckpt), [c.lower() for c in cleft.FIVE_CLASSES], 39
+    )
     prompt_tune.save_prompt(prompt, learner, cleft.FIVE_CLASSES, prompt_tune.PromptConfig())
     out = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(stage1_ckpt), "--prompt", str(prompt),
-                             "--data-root", str(demo_root), "--task", "all", "--max-steps", "6", "--eval-every", "3",
-                             "--num-workers", "0", "--data-pct", "0.5", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            "--ckpt",
+            str(stage1_ckpt),
+            "--prompt",
+            str(prompt),
+            "--data-root",
+            str(demo_root),
+            "--task",
+            "all",
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--num-workers",
+            "0",
+            "--data-pct",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"zeroshot", "linear", "finetune", "retrieval"}
     for task in ("zeroshot", "linear", "finetune"):
         assert report["results"][task].keys() == {"acc", "auc"}
         assert all(0 <= v <= 100 for v in report["results"][task].values())
-    assert set(report["results"]["retrieval"]) == {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert set(report["results"]["retrieval"]) == {
+        f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)
+    }
     assert report["n_images"]["test"] == 50 and report["data_pct"] == 0.5
     table_row = [line for line in result.stdout.splitlines() if line.startswith("| CLEFT")][0]
     cells = table_row.strip("|").split("|")[1:]
-    assert len(cells) == 6 and all(float(c) >= 0 for c in cells)  # every column of Table 1 is filled
+    assert len(cells) == 6 and all(
+        float(c) >= 0 for c in cells
+    )  # every column of Table 1 is filled

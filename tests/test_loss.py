@@ -1,4 +1,5 @@
 """The contrastive loss against a direct transcription of the paper's Eq. 1, and the LR schedule."""
+
 import math
 
 import pytest
@@ -10,11 +11,13 @@ from conftest import tiny_config
 
 
 def eq1(image_features, text_features, scale, positives=None):
-    """Eq. 1 written out term by term: -1/2N sum_i [log p(t_i | v_i) + log p(v_i | t_i)], with optional
-    soft targets: row i's target mass is spread evenly over its positives."""
+    """Eq. 1 written out term by term: -1/2N sum_i [log p(t_i | v_i) + log p(v_i | t_i)], with
+    optional soft targets: row i's target mass is spread evenly over its positives."""
     n = len(image_features)
     positives = positives or [[i] for i in range(n)]
-    sim = [[scale * float(image_features[i] @ text_features[j]) for j in range(n)] for i in range(n)]
+    sim = [
+        [scale * float(image_features[i] @ text_features[j]) for j in range(n)] for i in range(n)
+    ]
     total = 0.0
     for i in range(n):
         log_norm_image = math.log(sum(math.exp(sim[i][j]) for j in range(n)))
@@ -27,7 +30,10 @@ def eq1(image_features, text_features, scale, positives=None):
 
 def random_features(n, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (F.normalize(torch.randn(n, d, generator=g), dim=-1), F.normalize(torch.randn(n, d, generator=g), dim=-1))
+    return (
+        F.normalize(torch.randn(n, d, generator=g), dim=-1),
+        F.normalize(torch.randn(n, d, generator=g), dim=-1),
+    )
 
 
 @pytest.mark.parametrize("scale", [1.0, 14.3, 100.0])
@@ -41,7 +47,9 @@ def test_loss_is_fp32_for_bf16_features():
     images, texts = random_features(6)
     loss = cleft.contrastive_loss(images.bfloat16(), texts.bfloat16(), torch.tensor(math.log(20.0)))
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(eq1(images.bfloat16().float(), texts.bfloat16().float(), 20.0), rel=1e-5)
+    assert loss.item() == pytest.approx(
+        eq1(images.bfloat16().float(), texts.bfloat16().float(), 20.0), rel=1e-5
+    )
 
 
 def test_multi_positive_matches_soft_target_eq1():
@@ -54,7 +62,8 @@ def test_multi_positive_matches_soft_target_eq1():
     # with all captions distinct, multi-positive is the ordinary loss
     unique = cleft.caption_ids([str(i) for i in range(6)], "cpu")
     assert cleft.contrastive_loss(images, texts, torch.tensor(2.0), unique).item() == pytest.approx(
-        cleft.contrastive_loss(images, texts, torch.tensor(2.0)).item(), rel=1e-6)
+        cleft.contrastive_loss(images, texts, torch.tensor(2.0)).item(), rel=1e-6
+    )
 
 
 def test_logit_scale_gradient_flows():
@@ -65,8 +74,7 @@ def test_logit_scale_gradient_flows():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    cfg = tiny_config(lr=1e-3, warmup_steps=10, max_steps=110)
-    lrs = [cleft.get_lr(step, cfg) for step in range(111)]
+    lrs = [cleft.get_lr(step, max_lr=1e-3, warmup_steps=10, max_steps=110) for step in range(111)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # rising during warm-up
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then falling
@@ -76,8 +84,11 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_no_weight_decay_on_scale_and_vectors():
     model = cleft.CLEFT(tiny_config())
-    optimizer = cleft.make_optimizer(model, tiny_config(), torch.device("cpu"))
+    optimizer = cleft.make_optimizer(model, lr=1e-3, weight_decay=0.2)
     decayed, plain = (set(map(id, group["params"])) for group in optimizer.param_groups)
-    assert optimizer.param_groups[0]["weight_decay"] == 0.2 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert (
+        optimizer.param_groups[0]["weight_decay"] == 0.2
+        and optimizer.param_groups[1]["weight_decay"] == 0.0
+    )
     assert id(model.logit_scale) in plain and id(model.image_projection.weight) in decayed
     assert len(decayed | plain) == sum(p.requires_grad for p in model.parameters())

@@ -1,5 +1,6 @@
-"""Stage 2: the assembled prompt, its initialisation, that only the context learns, cached image features,
-and prompt_tune.py end to end (one process and two)."""
+"""Stage 2: the assembled prompt, its initialisation, that only the context learns, cached image
+features, and prompt_tune.py end to end (one process and two)."""
+
 import json
 import subprocess
 import sys
@@ -21,7 +22,9 @@ CAPTION = cleft.CAPTION_PREFIX.strip()  # 39 characters: 39 tokens for the byte-
 def embed(model, text):
     """The text tower's input embeddings of `text`'s tokens, (T, H)."""
     tower = model.text_tower
-    return tower.model.get_input_embeddings()(torch.tensor(tower.tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return tower.model.get_input_embeddings()(
+        torch.tensor(tower.tokenizer(text, add_special_tokens=False)["input_ids"])
+    )
 
 
 def test_assembled_sequence():
@@ -32,11 +35,17 @@ def test_assembled_sequence():
     assert embeds.shape == (2, 5 + max(lengths), 64)
     for c, (name, n) in enumerate(zip([" edema", " pleural effusion"], lengths)):
         assert torch.equal(embeds[c, :5], learner.context)  # context first, shared by the classes
-        torch.testing.assert_close(embeds[c, 5:5 + n - 1], embed(model, name))  # then the class name's tokens
+        torch.testing.assert_close(
+            embeds[c, 5 : 5 + n - 1], embed(model, name)
+        )  # then the class name's tokens
         eos = learner.eos_positions[c].item()
         assert eos == 5 + n - 1
-        torch.testing.assert_close(embeds[c, eos], embed(model, "<|endoftext|>")[0])  # then the EOS, pooled there
-        assert learner.attention_mask[c].tolist() == [1] * (eos + 1) + [0] * (embeds.shape[1] - eos - 1)
+        torch.testing.assert_close(
+            embeds[c, eos], embed(model, "<|endoftext|>")[0]
+        )  # then the EOS, pooled there
+        assert learner.attention_mask[c].tolist() == [1] * (eos + 1) + [0] * (
+            embeds.shape[1] - eos - 1
+        )
 
 
 def test_initialisation_copies_the_caption_into_the_last_slots():
@@ -45,10 +54,14 @@ def test_initialisation_copies_the_caption_into_the_last_slots():
     torch.manual_seed(0)
     longer = prompt_tune.PromptLearner(model, ["Edema"], context_length=50).context.detach()
     torch.testing.assert_close(longer[11:], caption)  # the caption fills the last 39 of 50 slots
-    bound = model.text_tower.model.get_input_embeddings().weight.std().item() * 3 ** 0.5
-    assert longer[:11].abs().max() <= bound and longer[:11].std() > bound / 4  # the first 11: uniform noise
+    bound = model.text_tower.model.get_input_embeddings().weight.std().item() * 3**0.5
+    assert (
+        longer[:11].abs().max() <= bound and longer[:11].std() > bound / 4
+    )  # the first 11: uniform noise
     shorter = prompt_tune.PromptLearner(model, ["Edema"], context_length=10).context.detach()
-    torch.testing.assert_close(shorter, caption[-10:])  # a caption longer than L keeps its last L tokens
+    torch.testing.assert_close(
+        shorter, caption[-10:]
+    )  # a caption longer than L keeps its last L tokens
 
 
 @pytest.mark.parametrize("peft", ["lora", "ia3", "prefix", "none"])
@@ -59,8 +72,12 @@ def test_learned_prompt_starts_as_the_hand_written_one(peft):
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
         learner = prompt_tune.PromptLearner(model, cleft.FIVE_CLASSES, context_length=len(CAPTION))
-        torch.testing.assert_close(learner.class_features(model), model.encode_text(cleft.class_prompts(cleft.FIVE_CLASSES)),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            learner.class_features(model),
+            model.encode_text(cleft.class_prompts(cleft.FIVE_CLASSES)),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_only_the_context_learns():
@@ -73,7 +90,9 @@ def test_only_the_context_learns():
     features = F.normalize(torch.randn(36, 512), dim=-1)
     labels = torch.randint(5, (36,))
     for _ in range(3):
-        loss = F.cross_entropy(prompt_tune.zero_shot_logits(model, features, learner.class_features(model)), labels)
+        loss = F.cross_entropy(
+            prompt_tune.zero_shot_logits(model, features, learner.class_features(model)), labels
+        )
         loss.backward()
         assert all(p.grad is None for p in model.parameters())
         assert learner.context.grad.abs().sum() > 0
@@ -86,26 +105,42 @@ def test_only_the_context_learns():
 
 def test_cached_features_give_the_loss_of_recomputed_ones(demo_root):
     model = tiny_model()
-    splits = prompt_tune.labelled_splits(cleft.parse_config(["--data-root", str(demo_root)], prompt_tune.PromptConfig,
-                                                            prompt_tune.DEMO_DEFAULTS), cleft.FIVE_CLASSES)
+    splits = prompt_tune.labelled_splits(
+        cleft.parse_config(["--data-root", str(demo_root)], prompt_tune.PromptConfig),
+        cleft.FIVE_CLASSES,
+    )
     records = splits["train"][:20]
-    cfg = cleft.parse_config(["--num-workers", "0"])
-    loader = cleft.make_loader(cleft.XrayDataset(records, 112), cleft.eval_batches(len(records), 8, pad=True), cfg, torch.device("cpu"))
+    loader = cleft.make_loader(
+        cleft.XrayDataset(records, 112),
+        cleft.eval_batches(len(records), 8, pad=True),
+        0,
+        torch.device("cpu"),
+    )
     cached, labels = cleft.embed_images(model, loader, len(records), torch.no_grad())
     images = torch.stack([cleft.load_image(path, 112) for path, _ in records])
     with torch.no_grad():
         fresh = model.encode_image(images)
     learner = prompt_tune.PromptLearner(model, cleft.FIVE_CLASSES)
     index = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
-    losses = [F.cross_entropy(prompt_tune.zero_shot_logits(model, f[index], learner.class_features(model)), labels[index])
-              for f in (cached, fresh)]
+    losses = [
+        F.cross_entropy(
+            prompt_tune.zero_shot_logits(model, f[index], learner.class_features(model)),
+            labels[index],
+        )
+        for f in (cached, fresh)
+    ]
     assert labels.tolist() == [c for _, c in records]
     torch.testing.assert_close(losses[0], losses[1])
 
 
 def run_prompt_tune(*args):
-    return subprocess.run([sys.executable, str(ROOT / "prompt_tune.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "prompt_tune.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 FAST = ["--max-steps", "40", "--eval-every", "20", "--log-every", "10", "--num-workers", "0"]
@@ -116,33 +151,63 @@ def test_demo_run_improves_the_loss_and_writes_the_prompt(demo_root, stage1_ckpt
     result = run_prompt_tune("--ckpt", stage1_ckpt, "--data-root", demo_root, "--out", out, *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 0 | held-out zero-shot acc: hand-written" in result.stdout
-    assert "5x200 zero-shot acc: hand-written" in result.stdout and f"saved to {out}" in result.stdout
+    assert (
+        "5x200 zero-shot acc: hand-written" in result.stdout and f"saved to {out}" in result.stdout
+    )
     records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert [r["step"] for r in records if "val_acc_learned" in r] == [0, 20, 40]
     context, classes = prompt_tune.load_prompt(out)
     assert context.shape == (39, 64) and classes == cleft.FIVE_CLASSES
-    default = run_prompt_tune("--ckpt", stage1_ckpt, "--data-root", demo_root, "--max-steps", "2", "--num-workers", "0")
-    assert default.returncode == 0 and (stage1_ckpt / "prompt.safetensors").exists()  # default: inside the checkpoint
+    default = run_prompt_tune(
+        "--ckpt", stage1_ckpt, "--data-root", demo_root, "--max-steps", "2", "--num-workers", "0"
+    )
+    assert (
+        default.returncode == 0 and (stage1_ckpt / "prompt.safetensors").exists()
+    )  # default: inside the checkpoint
 
 
 def test_two_processes_learn_the_same_context(demo_root, stage1_ckpt, tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    assert run_prompt_tune("--ckpt", stage1_ckpt, "--data-root", demo_root, "--out", one, *FAST).returncode == 0
-    result = torchrun(ROOT / "prompt_tune.py", "--ckpt", stage1_ckpt, "--data-root", demo_root, "--out", two, *FAST)
+    assert (
+        run_prompt_tune(
+            "--ckpt", stage1_ckpt, "--data-root", demo_root, "--out", one, *FAST
+        ).returncode
+        == 0
+    )
+    result = torchrun(
+        ROOT / "prompt_tune.py",
+        "--ckpt",
+        stage1_ckpt,
+        "--data-root",
+        demo_root,
+        "--out",
+        two,
+        *FAST,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 40 | held-out") == 1  # rank 0 prints
-    torch.testing.assert_close(prompt_tune.load_prompt(two)[0], prompt_tune.load_prompt(one)[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        prompt_tune.load_prompt(two)[0], prompt_tune.load_prompt(one)[0], rtol=1e-4, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "--ckpt is required"),
-    (["--ckpt", "/nonexistent"], "no checkpoint in /nonexistent"),
-    (["--ckpt", "CKPT", "--classes", "Edema,Kidney Stone"], "['Kidney Stone'] are not CheXpert label columns"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--ckpt is required"),
+        (["--ckpt", "/nonexistent"], "no checkpoint in /nonexistent"),
+        (
+            ["--ckpt", "CKPT", "--classes", "Edema,Kidney Stone"],
+            "['Kidney Stone'] are not CheXpert label columns",
+        ),
+    ],
+)
 def test_mistakes_end_in_one_clear_message(demo_root, stage1_ckpt, args, message):
-    result = run_prompt_tune("--data-root", demo_root, *[str(stage1_ckpt) if a == "CKPT" else a for a in args])
+    result = run_prompt_tune(
+        "--data-root", demo_root, *[str(stage1_ckpt) if a == "CKPT" else a for a in args]
+    )
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 

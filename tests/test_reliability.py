@@ -1,6 +1,7 @@
-"""Reliability: exact resume after SIGKILL (one process and two), checkpoints that survive a crash while
-saving, best/ never replaced by a worse or NaN run, unreadable images, non-finite losses, clear errors,
-and loading that runs no pickled code."""
+"""Reliability: exact resume after SIGKILL (one process and two), checkpoints that survive a crash
+while saving, best/ never replaced by a worse or NaN run, unreadable images, a non-finite loss,
+clear errors, and loading that runs no pickled code."""
+
 import json
 import os
 import shutil
@@ -23,9 +24,20 @@ FAST = ["--batch-size", "8", "--num-workers", "0", "--log-every", "1"]
 
 def start(args, torchrun=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    return subprocess.Popen([*launcher, str(ROOT / "cleft.py"), *map(str, args)], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        if torchrun
+        else [sys.executable]
+    )
+    return subprocess.Popen(
+        [*launcher, str(ROOT / "cleft.py"), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process):
@@ -38,7 +50,11 @@ def kill_after(process, metrics_file, step):
     """SIGKILL the whole process group once metrics.jsonl has logged `step`, mid-run."""
     deadline = time.time() + 240
     while time.time() < deadline:
-        if metrics_file.exists() and any(json.loads(line)["step"] >= step for line in metrics_file.read_text().splitlines() if line):
+        if metrics_file.exists() and any(
+            json.loads(line)["step"] >= step
+            for line in metrics_file.read_text().splitlines()
+            if line
+        ):
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
             return
@@ -48,55 +64,147 @@ def kill_after(process, metrics_file, step):
 
 
 def losses(out):
-    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [
+        (r["step"], r["loss"])
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
 
 
 def test_sigkill_then_resume_is_bit_identical(demo_root, tmp_path):
-    # checkpoints at 5 and 10 fall inside a 2-step log interval: the partial loss sum is restored too
-    common = ["--data-root", demo_root, "--max-steps", 14, "--eval-every", 5, "--warmup-steps", 3, *FAST, "--log-every", 2]
+    # checkpoints at 5 and 10 fall inside a 2-step log interval: the partial loss sum is restored
+    # too
+    common = [
+        "--data-root",
+        demo_root,
+        "--max-steps",
+        14,
+        "--eval-every",
+        5,
+        "--warmup-steps",
+        3,
+        *FAST,
+        "--log-every",
+        2,
+    ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     finish(start([*common, "--out-dir", straight]))
-    cached = [*common, "--out-dir", killed, "--image-cache", tmp_path / "cache"]  # the cache changes no result
+    cached = [
+        *common,
+        "--out-dir",
+        killed,
+        "--image-cache",
+        tmp_path / "cache",
+    ]  # the cache changes no result
     process = start(cached)
-    kill_after(process, killed / "metrics.jsonl", 8)  # after the checkpoint at step 5, before the one at 10
+    kill_after(
+        process, killed / "metrics.jsonl", 8
+    )  # after the checkpoint at step 5, before the one at 10
     assert torch.load(killed / "last" / "state.pt", weights_only=True)["step"] in (5, 10)
     stdout = finish(start(cached))  # no --resume: same config, so it picks up by itself
     assert "resumed from" in stdout
-    a, b = load_file(straight / "last" / "model.safetensors"), load_file(killed / "last" / "model.safetensors")
+    a, b = load_file(straight / "last" / "model.safetensors"), load_file(
+        killed / "last" / "model.safetensors"
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(killed) == losses(straight)  # every step once, with the same loss
-    assert torch.equal(torch.load(straight / "last" / "state.pt", weights_only=True)["optimizer"]["state"][0]["exp_avg"],
-                       torch.load(killed / "last" / "state.pt", weights_only=True)["optimizer"]["state"][0]["exp_avg"])
+    assert torch.equal(
+        torch.load(straight / "last" / "state.pt", weights_only=True)["optimizer"]["state"][0][
+            "exp_avg"
+        ],
+        torch.load(killed / "last" / "state.pt", weights_only=True)["optimizer"]["state"][0][
+            "exp_avg"
+        ],
+    )
 
 
 def test_sigkill_then_resume_under_torchrun(demo_root, tmp_path):
-    args = ["--data-root", demo_root, "--max-steps", 10, "--eval-every", 4, "--out-dir", tmp_path, *FAST]
+    args = [
+        "--data-root",
+        demo_root,
+        "--max-steps",
+        10,
+        "--eval-every",
+        4,
+        "--out-dir",
+        tmp_path,
+        *FAST,
+    ]
     process = start(args, torchrun=True)
     kill_after(process, tmp_path / "metrics.jsonl", 6)
     stdout = finish(start(args, torchrun=True))
-    assert "resumed from" in stdout and torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 10
+    assert (
+        "resumed from" in stdout
+        and torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 10
+    )
     assert [step for step, _ in losses(tmp_path)] == list(range(1, 11))
 
 
 def test_a_different_config_is_never_resumed_silently(demo_root, tmp_path):
-    cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "2", "--eval-every", "2", *FAST])
-    with pytest.raises(SystemExit, match=r"holds a run with a different config \(lr\): pass --resume"):
-        cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "2", "--lr", "1e-3", *FAST])
+    cleft.main(
+        [
+            "--data-root",
+            str(demo_root),
+            "--out-dir",
+            str(tmp_path),
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "2",
+            *FAST,
+        ]
+    )
+    with pytest.raises(
+        SystemExit, match=r"holds a run with a different config \(lr\): pass --resume"
+    ):
+        cleft.main(
+            [
+                "--data-root",
+                str(demo_root),
+                "--out-dir",
+                str(tmp_path),
+                "--max-steps",
+                "2",
+                "--lr",
+                "1e-3",
+                *FAST,
+            ]
+        )
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path, monkeypatch):
-    cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "2", "--eval-every", "2", *FAST])
+    cleft.main(
+        [
+            "--data-root",
+            str(demo_root),
+            "--out-dir",
+            str(tmp_path),
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "2",
+            *FAST,
+        ]
+    )
     before = load_file(tmp_path / "last" / "model.safetensors")
     model = cleft.load_model(tmp_path / "last")
-    optimizer = cleft.make_optimizer(model, cleft.load_config(tmp_path / "last"), torch.device("cpu"))
+    optimizer = cleft.make_optimizer(model, lr=1e-3, weight_decay=0.2)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
-    monkeypatch.setattr(cleft, "save_file", crash)  # 1) the process dies while writing the new files
+
+    monkeypatch.setattr(
+        cleft, "save_file", crash
+    )  # 1) the process dies while writing the new files
     with pytest.raises(KeyboardInterrupt):
-        cleft.save_checkpoint(tmp_path / "last", model, optimizer, cleft.load_config(tmp_path / "last"), 3, 0.0)
+        cleft.save_checkpoint(
+            tmp_path / "last", model, optimizer, cleft.load_config(tmp_path / "last"), 3, 0.0
+        )
     monkeypatch.undo()
-    assert all(torch.equal(before[k], v) for k, v in load_file(tmp_path / "last" / "model.safetensors").items())
+    assert all(
+        torch.equal(before[k], v)
+        for k, v in load_file(tmp_path / "last" / "model.safetensors").items()
+    )
     assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 2
 
     real_replace, calls = os.replace, []
@@ -106,31 +214,68 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path
         if len(calls) == 2:
             raise KeyboardInterrupt("killed between the two renames")
         real_replace(src, dst)
-    monkeypatch.setattr(cleft.os, "replace", crash_between_renames)  # 2) last/ moved aside, the new one not in yet
+
+    monkeypatch.setattr(
+        cleft.os, "replace", crash_between_renames
+    )  # 2) last/ moved aside, the new one not in yet
     with pytest.raises(KeyboardInterrupt):
-        cleft.save_checkpoint(tmp_path / "last", model, optimizer, cleft.load_config(tmp_path / "last"), 3, 0.0)
+        cleft.save_checkpoint(
+            tmp_path / "last", model, optimizer, cleft.load_config(tmp_path / "last"), 3, 0.0
+        )
     monkeypatch.undo()
     assert not (tmp_path / "last").exists()
-    assert cleft.load_state(tmp_path / "last")["step"] == 2  # found in last.old
-    stdout = subprocess.run([sys.executable, str(ROOT / "cleft.py"), "--data-root", str(demo_root), "--out-dir", str(tmp_path),
-                             "--max-steps", "4", "--eval-every", "2", "--resume", *FAST], capture_output=True, text=True, cwd=ROOT).stdout
+    state = torch.load(cleft.checkpoint_dir(tmp_path / "last") / "state.pt", weights_only=True)
+    assert state["step"] == 2  # found in last.old
+    stdout = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cleft.py"),
+            "--data-root",
+            str(demo_root),
+            "--out-dir",
+            str(tmp_path),
+            "--max-steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--resume",
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
     assert "at step 2" in stdout and (tmp_path / "last" / "model.safetensors").exists()
     assert not (tmp_path / "last.old").exists() and not (tmp_path / "last.tmp").exists()
 
 
 def test_best_is_never_replaced_by_a_worse_or_nan_run(demo_root, tmp_path, monkeypatch):
     val_losses = iter([2.0, 1.0, 3.0, float("nan")])
-    monkeypatch.setattr(cleft, "validation_loss", lambda *args: next(val_losses))
-    cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "6", "--eval-every", "2", *FAST])
-    best, last = (torch.load(tmp_path / d / "state.pt", weights_only=True) for d in ("best", "last"))
+    monkeypatch.setattr(cleft, "evaluate", lambda *args: {"val_loss": next(val_losses)})
+    cleft.main(
+        [
+            "--data-root",
+            str(demo_root),
+            "--out-dir",
+            str(tmp_path),
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "2",
+            *FAST,
+        ]
+    )
+    best, last = (
+        torch.load(tmp_path / d / "state.pt", weights_only=True) for d in ("best", "last")
+    )
     assert (best["step"], best["best_val_loss"]) == (2, 1.0)
     assert (last["step"], last["best_val_loss"]) == (6, 1.0)
 
 
 @pytest.fixture
 def damaged_demo(demo_root, tmp_path):
-    """A copy of the small demo in which two images of the first training batch are damaged: one truncated,
-    one missing."""
+    """A copy of the small demo in which two images of the first training batch are damaged: one
+    truncated, one missing."""
     root = tmp_path / "demo"
     shutil.copytree(demo_root, root)
     train = cleft.load_splits(cleft.parse_config(["--data-root", str(root)]))["train"]
@@ -143,21 +288,61 @@ def damaged_demo(demo_root, tmp_path):
 
 def test_unreadable_images_are_skipped_counted_and_reported(damaged_demo, tmp_path):
     root, truncated, missing = damaged_demo
-    result = subprocess.run([sys.executable, str(ROOT / "cleft.py"), "--data-root", str(root), "--out-dir", str(tmp_path / "run"),
-                             "--max-steps", "2", "--eval-every", "2", *FAST], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cleft.py"),
+            "--data-root",
+            str(root),
+            "--out-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "2",
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count(f"warning: skipping unreadable image {truncated}") == 1  # warned once per path
+    assert (
+        result.stderr.count(f"warning: skipping unreadable image {truncated}") == 1
+    )  # warned once per path
     assert f"warning: skipping unreadable image {missing}" in result.stderr
-    assert "skipped during training: 2 unreadable image(s)" in result.stdout  # both in step 0's batch
+    assert (
+        "skipped during training: 2 unreadable image(s)" in result.stdout
+    )  # both in step 0's batch
 
 
 def test_strict_data_stops_at_the_first_unreadable_image(damaged_demo, tmp_path):
     root, truncated, missing = damaged_demo
-    result = subprocess.run([sys.executable, str(ROOT / "cleft.py"), "--data-root", str(root), "--out-dir", str(tmp_path / "run"),
-                             "--max-steps", "2", "--eval-every", "2", "--strict-data", *FAST], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cleft.py"),
+            "--data-root",
+            str(root),
+            "--out-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--strict-data",
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert error == [f"error: unreadable image {truncated} at step 0 (--strict-data): fix or remove it, or drop --strict-data to skip such images."]
+    assert error == [
+        f"error: unreadable image {truncated} at step 0 (--strict-data): fix or remove it, "
+        "or drop --strict-data to skip such images."
+    ]
 
 
 def nan_at_step(n, monkeypatch):
@@ -168,64 +353,101 @@ def nan_at_step(n, monkeypatch):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == n + 1 else loss
+
     monkeypatch.setattr(cleft, "train_step", train_step)
 
 
-def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch):
+def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
+    demo_root, tmp_path, monkeypatch
+):
     nan_at_step(3, monkeypatch)
     with pytest.raises(SystemExit, match="the loss became nan at step 3; no update was made"):
-        cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "6", "--eval-every", "2", *FAST])
+        cleft.main(
+            [
+                "--data-root",
+                str(demo_root),
+                "--out-dir",
+                str(tmp_path),
+                "--max-steps",
+                "6",
+                "--eval-every",
+                "2",
+                *FAST,
+            ]
+        )
     assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 2
-    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "last" / "model.safetensors").values())
-
-
-def test_skip_nonfinite_skips_the_step(demo_root, tmp_path, monkeypatch, capsys):
-    nan_at_step(3, monkeypatch)
-    cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "6", "--eval-every", "6",
-                "--skip-nonfinite", *FAST])
-    out = capsys.readouterr().out
-    assert "the loss became nan at step 3; the step was skipped" in out and "1 non-finite step(s)" in out
-    assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == [1, 2, 3, 5, 6]
-    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "last" / "model.safetensors").values())
+    assert all(
+        torch.isfinite(v).all() for v in load_file(tmp_path / "last" / "model.safetensors").values()
+    )
 
 
 def test_clear_errors_for_empty_splits_and_uneven_batches(tmp_path, demo_root, monkeypatch):
-    (tmp_path / "train.csv").write_text(",".join(cleft.CHEXPERT_COLUMNS) + "\n" +
-                                        "CheXpert-v1.0-small/train/patient00001/study1/view2_lateral.jpg,F,50,Lateral," + "," * 13 + "\n")
-    with pytest.raises(SystemExit, match="the train split is empty after filtering"):
+    (tmp_path / "train.csv").write_text(
+        ",".join(cleft.CHEXPERT_COLUMNS)
+        + "\n"
+        + "CheXpert-v1.0-small/train/patient00001/study1/view2_lateral.jpg,F,50,Lateral,"
+        + "," * 13
+        + "\n"
+    )
+    with pytest.raises(SystemExit, match="the train split has 0 images after filtering"):
         cleft.main(["--data", "chexpert", "--data-root", str(tmp_path)])
     monkeypatch.setattr(cleft, "setup_distributed", lambda: (0, 2, torch.device("cpu")))
-    with pytest.raises(SystemExit, match="--batch-size 9 is the global batch and must divide by the 2 processes"):
+    with pytest.raises(
+        SystemExit, match="--batch-size 9 is the global batch and must divide by the 2 processes"
+    ):
         cleft.main(["--data-root", str(demo_root), "--batch-size", "9"])
 
 
 def test_checkpoints_never_run_pickled_code(demo_root, tmp_path):
-    cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "2", "--eval-every", "2", *FAST])
+    cleft.main(
+        [
+            "--data-root",
+            str(demo_root),
+            "--out-dir",
+            str(tmp_path),
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "2",
+            *FAST,
+        ]
+    )
     marker = tmp_path / "pwned"
 
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     torch.save({"step": 2, "payload": Payload()}, tmp_path / "last" / "state.pt")
-    result = subprocess.run([sys.executable, str(ROOT / "cleft.py"), "--data-root", str(demo_root), "--out-dir", str(tmp_path),
-                             "--max-steps", "4", "--resume", *FAST], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode != 0 and "was refused unread" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cleft.py"),
+            "--data-root",
+            str(demo_root),
+            "--out-dir",
+            str(tmp_path),
+            "--max-steps",
+            "4",
+            "--resume",
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert (
+        result.returncode != 0
+        and "was refused unread" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     assert not marker.exists()
 
 
 def test_no_token_and_no_remote_code_in_the_sources():
     import re
+
     for path in ROOT.glob("*.py"):
         text = path.read_text()
         assert not re.search(r"hf_[A-Za-z0-9]{30,}", text), path  # no access token committed
         assert "trust_remote_code=True" not in text, path
-
-
-def test_a_checkpoint_without_progress_counters_still_resumes(demo_root, tmp_path):
-    """Checkpoints written before state.pt held the log and skip counters resume too."""
-    cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "2", "--eval-every", "2", *FAST])
-    state = torch.load(tmp_path / "last" / "state.pt", weights_only=True)
-    del state["progress"]
-    torch.save(state, tmp_path / "last" / "state.pt")
-    cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "4", "--eval-every", "2", "--resume", *FAST])
-    assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 4

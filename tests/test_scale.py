@@ -1,5 +1,6 @@
-"""Paper-scale fidelity: the --dry-run parameter report on the meta device, the medclip-vit-l preset, and
-exact large-batch gradients with --accum-steps (gradient cache)."""
+"""Paper-scale fidelity: the --dry-run parameter report on the meta device, the medclip-vit-l
+preset, and exact large-batch gradients with --accum-steps (gradient cache)."""
+
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -17,22 +18,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dry_run_counts(*flags):
-    """(text tower trained, text tower total, image tower total, all total) of the paper-size model, on meta."""
+    """(text tower trained, text tower total, image tower total, all total) of the paper-size model,
+    on meta."""
     cfg = cleft.parse_config(["--dry-run", *flags])
     with torch.device("meta"):
-        model = cleft.CLEFT(cfg)
-    count = lambda module, trained=False: sum(p.numel() for p in module.parameters() if p.requires_grad or not trained)
+        model = cleft.CLEFT(cfg, weights=False)
+    count = lambda module, trained=False: sum(
+        p.numel() for p in module.parameters() if p.requires_grad or not trained
+    )
     assert all(p.is_meta for p in model.parameters())  # nothing allocated, nothing downloaded
-    return count(model.text_tower, True), count(model.text_tower), count(model.image_tower), count(model)
+    return (
+        count(model.text_tower, True),
+        count(model.text_tower),
+        count(model.image_tower),
+        count(model),
+    )
 
 
 def test_dry_run_counts_the_papers_model():
     lora, lm_total, image_total, _ = dry_run_counts()
     assert lora == 32 * 8 * (2560 + 7680) == 2_621_440  # the paper's "LM #Param 2.6M"
-    assert lm_total - lora == 2_594_247_680  # BioMedLM's GPT-2 body: 32 blocks of width 2560, vocabulary 28,896
+    assert (
+        lm_total - lora == 2_594_247_680
+    )  # BioMedLM's GPT-2 body: 32 blocks of width 2560, vocabulary 28,896
     assert image_total == 86_580_480 - 2 * 768  # DINOv2 ViT-B/14 without its final layer norm
-    assert dry_run_counts("--peft", "ia3")[0] == 32 * (7680 + 10240)  # c_attn outputs and mlp.c_proj inputs
-    assert dry_run_counts("--peft", "prefix")[0] == 20 * 32 * 2 * 2560  # keys and values of 20 virtual tokens
+    assert dry_run_counts("--peft", "ia3")[0] == 32 * (
+        7680 + 10240
+    )  # c_attn outputs and mlp.c_proj inputs
+    assert (
+        dry_run_counts("--peft", "prefix")[0] == 20 * 32 * 2 * 2560
+    )  # keys and values of 20 virtual tokens
     assert dry_run_counts("--freeze-lm")[0] == 0
     assert dry_run_counts("--full-ft-lm")[0] == 2_594_247_680
     assert dry_run_counts("--train-embed")[0] == 2_621_440 + 28896 * 2560
@@ -40,55 +55,102 @@ def test_dry_run_counts_the_papers_model():
 
 def test_dry_run_counts_the_preset():
     _, bert, vit_l, total = dry_run_counts("--preset", "medclip-vit-l")
-    assert bert == 109_482_240 - 590_592  # BERT-base without the pooler layer that [CLS] pooling leaves unused
+    assert (
+        bert == 109_482_240 - 590_592
+    )  # BERT-base without the pooler layer that [CLS] pooling leaves unused
     assert vit_l == 304_368_640 - 2 * 1024  # DINOv2 ViT-L/14 without its final layer norm
     assert total == bert + vit_l + (768 + 1024) * 512 + 1
 
 
 def test_dry_run_prints_the_table_offline():
-    result = subprocess.run([sys.executable, str(ROOT / "cleft.py"), "--dry-run"], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cleft.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| text tower (stanford-crfm/BioMedLM, lora) | 2,596,869,120 | 2,621,440 |" in result.stdout
+    assert (
+        "| text tower (stanford-crfm/BioMedLM, lora) | 2,596,869,120 | 2,621,440 |" in result.stdout
+    )
     assert "vs a fully trained BERT-base text tower (108,891,648): 2.41%" in result.stdout
 
 
 def test_preset_defaults_yield_to_flags():
     cfg = cleft.parse_config(["--preset", "medclip-vit-l", "--data", "chexpert", "--lr", "1e-4"])
-    assert (cfg.text_model, cfg.vision_model, cfg.batch_size, cfg.weight_decay, cfg.warmup_steps, cfg.max_length) == (
-        "bert-base-uncased", "facebook/dinov2-large", 4096, 0.1, 2000, 77)
-    assert (cfg.lr, cfg.peft, cfg.full_ft_lm, cfg.augment, cfg.hflip) == (1e-4, "none", True, "clip", True)
+    assert (
+        cfg.text_model,
+        cfg.vision_model,
+        cfg.batch_size,
+        cfg.weight_decay,
+        cfg.warmup_steps,
+        cfg.max_length,
+    ) == ("bert-base-uncased", "facebook/dinov2-large", 4096, 0.1, 2000, 77)
+    assert (cfg.lr, cfg.peft, cfg.full_ft_lm, cfg.augment, cfg.hflip) == (
+        1e-4,
+        "none",
+        True,
+        "clip",
+        True,
+    )
     demo = cleft.parse_config(["--preset", "medclip-vit-l"])
     assert (demo.text_model, demo.vision_model, demo.batch_size) == ("tiny-bert", "tiny", 32)
 
 
 def test_encoder_text_tower_reads_cls():
-    tower = cleft.TextTower(tiny_config(preset="medclip-vit-l", text_model="tiny-bert", peft="none", full_ft_lm=True, max_length=12))
+    tower = cleft.TextTower("tiny-bert", max_length=12, train_lm=True)
     input_ids, mask, positions = tower.tokenize(["ab", "x" * 50])
     cls, sep, pad = (tower.tokenizer.convert_tokens_to_ids(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
     assert positions.tolist() == [0, 0] and input_ids.shape == (2, 12)
-    assert input_ids[0].tolist() == [cls, *tower.tokenizer("ab", add_special_tokens=False)["input_ids"], sep] + [pad] * 8
-    assert input_ids[1, 0] == cls and input_ids[1, -1] == sep and mask[0].sum() == 4  # truncation keeps [SEP]
+    assert (
+        input_ids[0].tolist()
+        == [cls, *tower.tokenizer("ab", add_special_tokens=False)["input_ids"], sep] + [pad] * 8
+    )
+    assert (
+        input_ids[1, 0] == cls and input_ids[1, -1] == sep and mask[0].sum() == 4
+    )  # truncation keeps [SEP]
     assert tower.model.pooler is None and all(p.requires_grad for p in tower.parameters())
 
 
 def test_preset_trains_on_the_demo(demo_root, tmp_path):
-    cleft.main(["--preset", "medclip-vit-l", "--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "2",
-                "--eval-every", "2", "--batch-size", "8", "--num-workers", "0"])
+    cleft.main(
+        [
+            "--preset",
+            "medclip-vit-l",
+            "--data-root",
+            str(demo_root),
+            "--out-dir",
+            str(tmp_path),
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+        ]
+    )
     config = cleft.load_config(tmp_path / "last")
     assert (config.text_model, config.augment, config.hflip) == ("tiny-bert", "clip", True)
     saved = load_file(tmp_path / "last" / "model.safetensors")
-    assert any(k.startswith("text_tower.model.encoder.layer.0") for k in saved)  # the whole BERT is trained
+    assert any(
+        k.startswith("text_tower.model.encoder.layer.0") for k in saved
+    )  # the whole BERT is trained
 
 
 def test_clip_augmentation_is_a_centre_crop(tmp_path):
     import numpy as np
     from PIL import Image
+
     pixels = np.zeros((300, 600), np.uint8)
     pixels[:, 300:] = 255
     Image.fromarray(pixels).save(tmp_path / "wide.png")
     for seed in range(5):
-        view = cleft.load_image(tmp_path / "wide.png", 64, np.random.default_rng(seed), affine=False)
+        view = cleft.load_image(
+            tmp_path / "wide.png", 64, np.random.default_rng(seed), affine=False
+        )
         edge = (view[0] > view[0].mean()).float().argmax(dim=1)  # first bright column of each row
         assert (edge == 32).all()  # no shift, zoom or rotation: the boundary stays in the centre
 
@@ -103,7 +165,9 @@ def perturbed_model(dropout):
     with torch.no_grad():
         for p in model.text_tower.parameters():
             if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+                p.add_(
+                    0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                )
     return model
 
 
@@ -113,26 +177,33 @@ def test_accumulated_gradients_equal_the_full_batch_without_dropout(multi_positi
     results = []
     for accum_steps in (1, 4):
         model = perturbed_model(dropout=False)
-        loss = cleft.train_step(model, images, captions, tiny_config(accum_steps=accum_steps, multi_positive=multi_positive), nullcontext())
+        loss = cleft.train_step(model, images, captions, nullcontext(), accum_steps, multi_positive)
         results.append((loss, grads_of(model)))
     torch.testing.assert_close(results[1][0], results[0][0])
     for name in results[0][1]:
-        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-6, msg=name
+        )
 
 
 def test_accumulated_gradients_replay_dropout_exactly():
-    """Dropout on: gradient cache equals back-propagating the whole batch through one graph built from the same
-    4 micro-batch forwards (the same dropout masks), which is what a GPU with enough memory would compute."""
+    """Dropout on: gradient cache equals back-propagating the whole batch through one graph built
+    from the same 4 micro-batch forwards (the same dropout masks), which is what a GPU with enough
+    memory would compute."""
     images, captions = global_batch()
     torch.manual_seed(7)
     model = perturbed_model(dropout=True)
-    features = [model(images[k:k + 2], captions[k:k + 2]) for k in range(0, 8, 2)]  # with a graph
-    loss = cleft.contrastive_loss(torch.cat([f[0] for f in features]), torch.cat([f[1] for f in features]), model.logit_scale)
+    features = [
+        model(images[k : k + 2], captions[k : k + 2]) for k in range(0, 8, 2)
+    ]  # with a graph
+    loss = cleft.contrastive_loss(
+        torch.cat([f[0] for f in features]), torch.cat([f[1] for f in features]), model.logit_scale
+    )
     loss.backward()
     reference = grads_of(model)
     torch.manual_seed(7)
     model = perturbed_model(dropout=True)
-    cached_loss = cleft.train_step(model, images, captions, tiny_config(accum_steps=4, lora_dropout=0.1), nullcontext())
+    cached_loss = cleft.train_step(model, images, captions, nullcontext(), accum_steps=4)
     torch.testing.assert_close(cached_loss, loss.detach())
     for name, grad in grads_of(model).items():
         torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -140,8 +211,24 @@ def test_accumulated_gradients_replay_dropout_exactly():
 
 
 def test_short_demo_run_with_accumulation(demo_root, tmp_path):
-    cleft.main(["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "3",
-                "--batch-size", "8", "--accum-steps", "4", "--num-workers", "0"])
+    cleft.main(
+        [
+            "--data-root",
+            str(demo_root),
+            "--out-dir",
+            str(tmp_path),
+            "--max-steps",
+            "3",
+            "--eval-every",
+            "3",
+            "--batch-size",
+            "8",
+            "--accum-steps",
+            "4",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 3
     with pytest.raises(SystemExit, match="must divide by --accum-steps 3"):
         cleft.main(["--data-root", str(demo_root), "--batch-size", "8", "--accum-steps", "3"])

@@ -1,0 +1,191 @@
+"""
+The offline stand-ins that let `python cleft.py` run with no data and no downloads: a synthetic
+dataset in CheXpert's exact layout, and tiny randomly initialised models of the paper's
+architectures (GPT-2, DINOv2, and BERT for the Med-CLIP preset) with a byte-level tokenizer.
+
+Nothing here is the method. cleft.py imports this module only for `--data demo` or a `tiny` model.
+"""
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from cleft import CHEXPERT_COLUMNS, FINDINGS, FIVE_CLASSES, die, print0, world
+
+# What --data demo changes in each script's defaults, so that the demo runs in minutes on a CPU
+DEFAULTS = {
+    "Config": dict(data_root="data/demo", text_model="tiny", vision_model="tiny", image_size=112,
+                   max_length=256, batch_size=32, lr=5e-4, warmup_steps=30, max_steps=300,
+                   eval_every=100, log_every=20, num_workers=2, out_dir="runs/demo"),
+    # prompt_tune.py: the byte-level tokenizer spends 39 tokens on the caption, so L = 39 starts
+    # from exactly the hand-written prompt; the tiny encoders take a larger step than BioMedLM
+    "PromptConfig": dict(data_root="data/demo", context_length=39, lr=0.3, warmup_steps=30,
+                         max_steps=300, eval_every=50, log_every=50, num_workers=2),
+    "EvalConfig": dict(data_root="data/demo", max_steps=300, eval_every=50, num_workers=2),
+}
+PRESET_DEFAULTS = {"medclip-vit-l": dict(text_model="tiny-bert")}  # the preset with a tiny BERT
+
+# -----------------------------------------------------------------------------
+# A synthetic CheXpert: chest-X-ray-like pictures in which each finding is a visible pattern
+
+
+def render_xray(findings, rng, height=160, width=128):
+    """A synthetic frontal chest X-ray (uint8, height x width) showing each of `findings`."""
+    v, u = np.mgrid[-1:1:height * 1j, -1:1:width * 1j]  # v down, u across, both in [-1, 1]
+    inside = lambda cu, cv, ru, rv: ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 < 1
+    blob = lambda cu, cv, r: np.exp(-((u - cu) ** 2 + (v - cv) ** 2) / (2 * r * r))
+
+    def smooth_noise(cells):
+        noise = Image.fromarray(rng.normal(size=(cells, cells)).astype(np.float32))
+        return np.asarray(noise.resize((width, height), Image.Resampling.BICUBIC))
+
+    s, du, dv = rng.uniform(0.9, 1.1), *rng.uniform(-0.06, 0.06, 2)  # body size and position vary
+    image = np.full((height, width), 0.08) + 0.47 * inside(du, dv + 0.05, 0.9 * s, 1.0 * s)
+    lung_centres = [du - 0.4 * s, du + 0.4 * s]
+    lungs = [inside(cu, dv - 0.05, 0.3 * s, 0.62 * s) for cu in lung_centres]
+    either_lung = lungs[0] | lungs[1]
+    image[either_lung] = 0.2
+    image += 0.05 * smooth_noise(12) * either_lung  # vessel texture
+    image += 0.2 * (np.abs(u - du) < 0.07)  # spine
+    heart = rng.uniform(1.3, 1.55) if "Cardiomegaly" in findings else rng.uniform(0.85, 1.1)
+    image[inside(du + 0.12, dv + 0.3, 0.23 * heart * s, 0.17 * heart * s)] = 0.7
+    side = rng.integers(2)  # the lung a one-sided finding appears in
+    if "Pleural Effusion" in findings:  # fluid at the base of one or both lungs, a meniscus
+        for k in ([side] if rng.random() < 0.6 else [0, 1]):
+            level = dv + 0.57 * s - rng.uniform(0.2, 0.4) - 0.3 * (u - lung_centres[k]) ** 2
+            image[lungs[k] & (v > level)] = rng.uniform(0.5, 0.62)
+    if "Consolidation" in findings:  # a dense patch with mottled texture
+        cu, cv = lung_centres[side] + rng.uniform(-0.1, 0.1), dv + rng.uniform(-0.3, 0.3)
+        r = rng.uniform(0.08, 0.14)
+        image += (rng.uniform(0.25, 0.4) * blob(cu, cv, r) * (0.8 + 0.4 * smooth_noise(20))
+                  * lungs[side])
+    if "Atelectasis" in findings:  # a thin plate-like band in a lower lung
+        cu, cv, angle = lung_centres[side], dv + rng.uniform(0.1, 0.35), rng.uniform(-0.4, 0.4)
+        along = (u - cu) * np.cos(angle) + (v - cv) * np.sin(angle)
+        across = -(u - cu) * np.sin(angle) + (v - cv) * np.cos(angle)
+        band = (np.abs(across) < 0.03) & (np.abs(along) < 0.22)
+        image += rng.uniform(0.2, 0.35) * band * lungs[side]
+    if "Edema" in findings:  # bilateral perihilar haze and short horizontal (Kerley B) lines
+        image += rng.uniform(0.1, 0.18) * blob(du, dv, 0.45) * either_lung
+        for _ in range(6):
+            cv = dv + rng.uniform(0.1, 0.5)
+            cu = du + rng.choice([-1, 1]) * rng.uniform(0.55, 0.65) * s
+            image += 0.15 * ((np.abs(v - cv) < 0.012) & (np.abs(u - cu) < 0.08)) * either_lung
+    if "Pneumothorax" in findings:  # air without vessels at the apex of one lung
+        apex = lungs[side] & (v < dv - 0.35) & (np.abs(u - lung_centres[side]) > 0.05)
+        image[apex] = 0.06
+    if "Support Devices" in findings:  # a tube running down the middle
+        image += 0.5 * ((np.abs(u - du - 0.03 - 0.05 * v) < 0.012) & (v < dv + 0.25))
+    image = image * rng.uniform(0.85, 1.15) + rng.normal(0, 0.035, image.shape)  # exposure, noise
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def make_demo_dataset(root, patients=1200, per_class=50, seed=0):
+    """Write a synthetic CheXpert-layout dataset (train.csv, valid.csv, chexpert_5x200.csv and
+    JPEGs) into `root`; an existing one is kept. Built in a temporary folder and renamed, so it is
+    never half there."""
+    root = Path(root)
+    if (root / "train.csv").exists():
+        return
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    print0(f"writing the synthetic demo dataset to {root} (once)")
+    splits = {"train": [], "valid": []}
+    for p in range(1, patients + 1):
+        split = "valid" if p > patients - 20 else "train"
+        sex, age = rng.choice(["Male", "Female"]), int(rng.integers(18, 90))
+        for study in range(1, int(rng.integers(1, 3)) + 1):
+            k = rng.choice(4, p=[0.3, 0.45, 0.2, 0.05])  # how many of the five findings it shows
+            shown = list(rng.choice(FIVE_CLASSES, size=k, replace=False))
+            shown += [extra for extra, prob in [("Support Devices", 0.15), ("Pneumothorax", 0.05)]
+                      if rng.random() < prob]
+            labels = {name: rng.choice(["", "0.0"]) for name in FINDINGS}  # blank or negative
+            for name in shown:
+                labels[name] = "-1.0" if rng.random() < 0.1 else "1.0"  # sometimes uncertain
+            if ("Consolidation" in shown or "Edema" in shown) and rng.random() < 0.3:
+                labels["Lung Opacity"] = "1.0"
+            labels["No Finding"] = "" if shown else "1.0"
+            for view in ["frontal"] + (["lateral"] if rng.random() < 0.3 else []):
+                number = 1 if view == "frontal" else 2
+                relative = f"{split}/patient{p:05d}/study{study}/view{number}_{view}.jpg"
+                (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+                pixels = render_xray(shown, rng)
+                pixels = pixels if view == "frontal" else np.rot90(pixels)
+                Image.fromarray(pixels).save(tmp / relative, quality=90)
+                ap_pa = rng.choice(["AP", "PA"]) if view == "frontal" else ""
+                splits[split].append({"Path": f"CheXpert-v1.0-small/{relative}", "Sex": sex,
+                                      "Age": age, "Frontal/Lateral": view.capitalize(),
+                                      "AP/PA": ap_pa, **labels})
+    from evaluate import build_5x200
+    five_by_n = build_5x200(splits["train"], per_class=per_class, seed=seed)
+    tables = {"train.csv": splits["train"], "valid.csv": splits["valid"],
+              "chexpert_5x200.csv": five_by_n}
+    for name, rows in tables.items():
+        with open(tmp / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CHEXPERT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, root)
+
+
+def prepare(root):
+    """Rank 0 writes the synthetic dataset once; the others wait for it (all ranks call this)."""
+    if world()[0] == 0:
+        make_demo_dataset(root)
+    if world()[1] > 1:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Tiny models: the paper's architectures, small and random, with a byte-level tokenizer
+
+TINY = {  # (name, kind) -> (transformers model type, config)
+    ("tiny", "text"): ("gpt2", dict(vocab_size=257, n_positions=512, n_embd=64, n_layer=2,
+                                    n_head=4, bos_token_id=256, eos_token_id=256)),
+    ("tiny", "vision"): ("dinov2", dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                        mlp_ratio=2, image_size=112, patch_size=14)),
+    ("tiny-bert", "text"): ("bert", dict(vocab_size=260, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=128,
+                                         pad_token_id=259)),
+}
+
+
+def tiny_tokenizer(bert=False):
+    """A byte-level tokenizer (256 bytes + EOS) that encodes any text and needs no download.
+    bert=True adds BERT's [CLS] caption [SEP] framing and a [PAD] token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    if not bert:
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+    tokenizer.add_special_tokens(["[CLS]", "[SEP]", "[PAD]"])  # ids 257, 258, 259
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 257), ("[SEP]", 258)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, cls_token="[CLS]",
+                                   sep_token="[SEP]", pad_token="[PAD]")
+
+
+def tiny_pretrained(name, kind):
+    """(model, tokenizer or None): the same random weights every time (seed 0), so checkpoints
+    need to store only the trained ones."""
+    from transformers import AutoConfig, AutoModel
+    if (name, kind) not in TINY:
+        others = " or tiny-bert." if kind == "text" else "."
+        die(f"there is no {name} {kind} model: use --{kind}-model tiny{others}")
+    model_type, kwargs = TINY[name, kind]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModel.from_config(AutoConfig.for_model(model_type, **kwargs))
+    return model, tiny_tokenizer(bert=name == "tiny-bert") if kind == "text" else None

@@ -1,0 +1,66 @@
+"""
+`python cleft.py --dry-run`: the parameter table of the configured model, built on PyTorch's meta
+device from stored architectures (no weights, no memory, no download), and set against the paper's
+comparison, a CLIP whose text tower is a fully trained BERT-base. Not part of the method.
+"""
+
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from cleft import CLEFT
+
+ARCHITECTURES = {  # hub id -> (model type, config) of the paper's and the preset's models
+    "stanford-crfm/BioMedLM": ("gpt2", dict(vocab_size=28896, n_positions=1024, n_embd=2560,
+                                            n_layer=32, n_head=20, bos_token_id=28895,
+                                            eos_token_id=28895)),
+    "facebook/dinov2-base": ("dinov2", dict(hidden_size=768, num_hidden_layers=12,
+                                            num_attention_heads=12, image_size=518, patch_size=14)),
+    "facebook/dinov2-with-registers-base": ("dinov2_with_registers", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=518,
+        patch_size=14, num_register_tokens=4)),
+    "facebook/dinov2-large": ("dinov2", dict(hidden_size=1024, num_hidden_layers=24,
+                                             num_attention_heads=16, image_size=518,
+                                             patch_size=14)),
+    "bert-base-uncased": ("bert", dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                                       num_attention_heads=12)),
+}
+
+
+def architecture(name):
+    """The config of model `name`: the stored copy for the models above (no hub request), else
+    read from the hub or a local directory."""
+    from transformers import AutoConfig
+    if name in ARCHITECTURES:
+        model_type, kwargs = ARCHITECTURES[name]
+        return AutoConfig.for_model(model_type, **kwargs)
+    return AutoConfig.from_pretrained(name)
+
+
+def parameter_report(cfg):
+    """A Markdown table of the parameters of each part, total and trained, and three ratios."""
+    bert_cfg = replace(cfg, text_model="bert-base-uncased", peft="none", full_ft_lm=True,
+                       freeze_lm=False)
+    with torch.device("meta"):
+        model, bert = CLEFT(cfg, weights=False), CLEFT(bert_cfg, weights=False)
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    trained = lambda module: sum(p.numel() for p in module.parameters() if p.requires_grad)
+    lm_mode = "frozen" if cfg.freeze_lm else "fully trained" if cfg.full_ft_lm else cfg.peft
+    lm_mode += ", embeddings trained" if cfg.train_embed else ""
+    rows = [(f"image tower ({cfg.vision_model})", model.image_tower),
+            (f"text tower ({cfg.text_model}, {lm_mode})", model.text_tower),
+            ("projections", nn.ModuleList([model.image_projection, model.text_projection]))]
+    lines = ["| part | parameters | trained |", "|---|---:|---:|"]
+    lines += [f"| {name} | {count(m):,} | {trained(m):,} |" for name, m in rows]
+    lines += ["| temperature | 1 | 1 |",
+              f"| **total** | **{count(model):,}** | **{trained(model):,}** |", ""]
+    lm, lm_total = trained(model.text_tower), count(model.text_tower)
+    bert_lm = trained(bert.text_tower)
+    lines += [f"trained share of the text tower: {100 * lm / lm_total:.3f}% ({lm:,} of "
+              f"{lm_total:,})",
+              "trained text-tower parameters vs a fully trained BERT-base text tower "
+              f"({bert_lm:,}): {100 * lm / bert_lm:.2f}%",
+              f"trained parameters in all vs that CLIP baseline ({trained(bert):,}): "
+              f"{100 * trained(model) / trained(bert):.1f}%"]
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""
+Reading X-ray files fast: JPEGs decoded at reduced size, DICOMs scaled to 8 bits, and the optional
+`--image-cache DIR`, where each image's small decoded copy is kept after its first read (about 40x
+faster for the 2 MB JPEGs of full-resolution CheXpert; the same pixels). Not part of the method:
+cleft.load_image turns what read_xray returns into the model's input view.
+"""
+
+import hashlib
+import os
+import uuid
+import warnings
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def read_xray(path, size, cache=""):
+    """The image at `path` as an 8-bit grayscale PIL image whose shorter side is >= size, through
+    the cache folder when one is given."""
+    return cached_xray(path, size, cache) if cache else decode_xray(path, size)
+
+
+def decode_xray(path, size):
+    """Shrunk by a whole factor while the shorter side stays >= size: a JPEG is decoded at 1/2,
+    1/4 or 1/8 scale (draft mode), others are box-reduced. A DICOM (optional pydicom) is scaled
+    by its maximum, MONOCHROME1 inverted (RSNA)."""
+    if str(path).lower().endswith(".dcm"):
+        import pydicom
+        dicom = pydicom.dcmread(path)
+        pixels = dicom.pixel_array.astype(np.float32)
+        pixels = pixels / max(float(pixels.max()), 1e-6)
+        if dicom.get("PhotometricInterpretation") == "MONOCHROME1":
+            pixels = 1 - pixels
+        image = Image.fromarray((pixels * 255).astype(np.uint8))
+    else:
+        with Image.open(path) as image:
+            image.draft("L", (size, size))
+            image = image.convert("L")
+    factor = min(image.size) // size
+    return image.reduce(factor) if factor > 1 else image
+
+
+def cached_xray(path, size, cache):
+    """decode_xray through a folder of .npy files keyed by path, size and modification time: the
+    first read stores the decoded image, later reads load it. Entries are written under a unique
+    temporary name and renamed, so workers and ranks on any host can share the folder; a damaged
+    entry is decoded again, and a full or read-only disk costs speed, never an image."""
+    stat = os.stat(path)
+    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{size}"
+    key = hashlib.sha1(key.encode()).hexdigest()
+    file = Path(cache, key[:2], key + ".npy")
+    with suppress(OSError, ValueError, EOFError):  # not cached yet, or a damaged entry
+        return Image.fromarray(np.load(file, allow_pickle=False))
+    image, temp = decode_xray(path, size), file.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with open(temp, "wb") as f:
+            np.save(f, np.asarray(image))
+        os.replace(temp, file)
+    except OSError as error:
+        warnings.warn(f"cannot write to the image cache {cache} ({error.strerror}): images are "
+                      "decoded without it")
+        with suppress(OSError):
+            temp.unlink()  # a partly written entry
+    return image
