@@ -622,7 +622,7 @@ def open_metrics(out_dir, resumed_step=None):
 
 # --- Evaluation: validation loss and zero-shot accuracy (all ranks take part: they gather)
 @torch.no_grad()
-def evaluate(model, val_loader, test_loader, autocast):
+def validate(model, val_loader, test_loader, autocast):
     """{'val_loss': mean contrastive loss over the held-out split's full global batches, and with
     a test split 'zero_shot_acc': % of argmax over classes of cos(image, hand-written prompt)}."""
     model.eval()
@@ -692,7 +692,7 @@ def main(argv=None):
         # evaluate and save every eval_every steps and at the end (a resumed run: not at its start)
         due = step % cfg.eval_every == 0 or step == cfg.max_steps
         if due and not (state and step == start_step):
-            record = {"step": step, **evaluate(model, val_loader, test_loader, autocast)}
+            record = {"step": step, **validate(model, val_loader, test_loader, autocast)}
             log(record, " | ".join(f"{k} {round(v, 4)}" for k, v in record.items()))
             improved = record["val_loss"] < best_val_loss  # a NaN never compares smaller
             best_val_loss = min(best_val_loss, record["val_loss"])

@@ -251,7 +251,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path
 
 def test_best_is_never_replaced_by_a_worse_or_nan_run(demo_root, tmp_path, monkeypatch):
     val_losses = iter([2.0, 1.0, 3.0, float("nan")])
-    monkeypatch.setattr(cleft, "evaluate", lambda *args: {"val_loss": next(val_losses)})
+    monkeypatch.setattr(cleft, "validate", lambda *args: {"val_loss": next(val_losses)})
     cleft.main(
         [
             "--data-root",
