@@ -77,6 +77,16 @@ def test_build_5x200_picks_only_rows_that_satisfy_the_rule(demo_root):
         for k, v in r.items()
         if k in cleft.FIVE_CLASSES + cleft.MUST_BE_ABSENT
     )
+    # the rule stated independently of cleft.five_class_index: exactly one of the five classes is
+    # 1.0, the other four and these eight findings are blank or 0.0, and nothing is -1
+    five = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    absent = ["Enlarged Cardiomediastinum", "Lung Lesion", "Lung Opacity", "Pneumonia",
+              "Pneumothorax", "Pleural Other", "Fracture", "Support Devices"]
+    for r in chosen:
+        assert [r[c] for c in five].count("1.0") == 1
+        assert all(r[c] in ("", "0.0") for c in five if r[c] != "1.0")
+        assert all(r[c] in ("", "0.0") for c in absent)
+    assert sorted(next(c for c in five if r[c] == "1.0") for r in chosen) == sorted(five * 10)
     assert chosen == evaluate.build_5x200(rows, per_class=10, seed=3)  # seeded
     with pytest.raises(SystemExit, match="fewer than"):
         evaluate.build_5x200(rows, per_class=10_000)

@@ -214,3 +214,30 @@ def test_mistakes_end_in_one_clear_message(demo_root, stage1_ckpt, args, message
 def test_missing_prompt_file_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="run prompt_tune.py first"):
         prompt_tune.load_prompt(tmp_path / "nothing.safetensors")
+
+
+def test_stage_2_through_main_changes_only_the_context(demo_root, stage1_ckpt, tmp_path,
+                                                       monkeypatch):
+    """prompt_tune.main itself: the encoders get no gradient and end bit-identical, and the
+    optimizer is given the context alone."""
+    models, optimized = [], []
+    real_load_model, real_sgd = prompt_tune.load_model, torch.optim.SGD
+
+    def load_model(directory):
+        models.append(real_load_model(directory))
+        return models[-1]
+
+    def sgd(params, **kwargs):
+        optimized.extend(params := list(params))
+        return real_sgd(params, **kwargs)
+
+    monkeypatch.setattr(prompt_tune, "load_model", load_model)
+    monkeypatch.setattr(torch.optim, "SGD", sgd)
+    out = tmp_path / "prompt.safetensors"
+    prompt_tune.main(["--ckpt", str(stage1_ckpt), "--data-root", str(demo_root), "--out", str(out),
+                      "--max-steps", "5", "--eval-every", "5", "--num-workers", "0"])
+    (model,) = models
+    before, after = real_load_model(stage1_ckpt).state_dict(), model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.shape for p in optimized] == [torch.Size([39, 64])]  # the context, (L, H)

@@ -3,6 +3,7 @@ while saving, best/ never replaced by a worse or NaN run, unreadable images, a n
 clear errors, and loading that runs no pickled code."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import cleft
 from test_distributed import TESTS
@@ -190,7 +191,8 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path
     model = cleft.load_model(tmp_path / "last")
     optimizer = cleft.make_optimizer(model, lr=1e-3, weight_decay=0.2)
 
-    def crash(*args, **kwargs):
+    def crash(tensors, path, *args, **kwargs):  # half a file is written, then the process dies
+        Path(path).write_bytes(b"partial safetensors file")
         raise KeyboardInterrupt("killed while writing")
 
     monkeypatch.setattr(
@@ -201,10 +203,10 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path
             tmp_path / "last", model, optimizer, cleft.load_config(tmp_path / "last"), 3, 0.0
         )
     monkeypatch.undo()
-    assert all(
-        torch.equal(before[k], v)
-        for k, v in load_file(tmp_path / "last" / "model.safetensors").items()
-    )
+    reloaded = cleft.load_model(tmp_path / "last")  # the previous checkpoint, with its own weights
+    trained = {n: p.detach() for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert trained.keys() == before.keys()
+    assert all(torch.equal(before[n], p) for n, p in trained.items())
     assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 2
 
     real_replace, calls = os.replace, []
@@ -390,12 +392,12 @@ def test_clear_errors_for_empty_splits_and_uneven_batches(tmp_path, demo_root, m
         + "\n"
     )
     with pytest.raises(SystemExit, match="the train split has 0 images after filtering"):
-        cleft.main(["--data", "chexpert", "--data-root", str(tmp_path)])
+        cleft.main(["--data", "chexpert", "--data-root", str(tmp_path), "--out-dir", str(tmp_path)])
     monkeypatch.setattr(cleft, "setup_distributed", lambda: (0, 2, torch.device("cpu")))
     with pytest.raises(
         SystemExit, match="--batch-size 9 is the global batch and must divide by the 2 processes"
     ):
-        cleft.main(["--data-root", str(demo_root), "--batch-size", "9"])
+        cleft.main(["--data-root", str(demo_root), "--batch-size", "9", "--out-dir", str(tmp_path)])
 
 
 def test_checkpoints_never_run_pickled_code(demo_root, tmp_path):
@@ -451,3 +453,19 @@ def test_no_token_and_no_remote_code_in_the_sources():
         text = path.read_text()
         assert not re.search(r"hf_[A-Za-z0-9]{30,}", text), path  # no access token committed
         assert "trust_remote_code=True" not in text, path
+
+
+def test_the_logit_scale_never_exceeds_100(demo_root, tmp_path):
+    """CLIP's clamp: after every step the scale is at most 100, even from a checkpoint above it."""
+    args = ["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--eval-every", "2", *FAST]
+    cleft.main([*args, "--max-steps", "2"])
+    weights = load_file(tmp_path / "last" / "model.safetensors")
+    weights["logit_scale"] = torch.tensor(math.log(1000.0))
+    save_file(weights, tmp_path / "last" / "model.safetensors")
+    cleft.main([*args, "--max-steps", "4", "--resume"])  # from step 2, with the scale at 1000
+    logged = [r["logit_scale"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())
+              if r["step"] > 2 and "logit_scale" in r]
+    assert len(logged) == 2 and all(scale <= 100 + 1e-3 for scale in logged)
+    final = load_file(tmp_path / "last" / "model.safetensors")["logit_scale"]
+    assert final.exp().item() <= 100 + 1e-3
+

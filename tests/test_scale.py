@@ -231,4 +231,5 @@ def test_short_demo_run_with_accumulation(demo_root, tmp_path):
     )
     assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 3
     with pytest.raises(SystemExit, match="must divide by --accum-steps 3"):
-        cleft.main(["--data-root", str(demo_root), "--batch-size", "8", "--accum-steps", "3"])
+        cleft.main(["--data-root", str(demo_root), "--batch-size", "8", "--accum-steps", "3",
+                    "--out-dir", str(tmp_path / "other")])
