@@ -123,13 +123,11 @@ def parse_config(argv=None, config_class=Config, description=__doc__):
                     **demo.PRESET_DEFAULTS.get(given.get("preset"), {})}
     return config_class(**{**defaults, **given})
 
-def die(message):
-    """A mistake the user can fix: one clear sentence, no traceback."""
+def die(message):  # a mistake the user can fix: one clear sentence, no traceback
     raise SystemExit(f"error: {message}")
 
 # --- Distributed setup: torchrun sets RANK; plain `python cleft.py` is a world of one
-def setup_distributed():
-    """(rank, world_size, device): nccl on CUDA, gloo on CPU."""
+def setup_distributed():  # (rank, world_size, device): nccl on CUDA, gloo on CPU
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
@@ -169,8 +167,7 @@ class GatherWithGrad(torch.autograd.Function):
         rank, world_size = world()
         return grad.chunk(world_size)[rank]  # the rows this rank contributed
 
-def all_gather_rows(x):
-    """x from every rank, concatenated in rank order (all ranks call this)."""
+def all_gather_rows(x):  # x from every rank in rank order (all ranks call this)
     return GatherWithGrad.apply(x) if world()[1] > 1 else x
 
 # --- Data: CheXpert captions and the 5x200 rule, CSV pairs, patient split, images, samplers
@@ -187,9 +184,10 @@ CAPTION_PREFIX = "this is a chest x ray of a patient with "
 SPLIT_SEED = 0  # the validation split stays fixed when --seed changes: runs stay comparable
 
 def caption_from_labels(row):
-    """Positive findings (1.0 only: uncertain -1 and blank are absent) in header order."""
+    """Positive findings (1.0 only: uncertain -1 and blank are absent) in header order: 'no finding'
+    only when that column is 1; a row of uncertain or blank labels gets the bare prefix."""
     positives = [name.lower() for name in FINDINGS if row[name] in ("1", "1.0")]
-    return CAPTION_PREFIX + (", ".join(positives) if positives else "no finding")
+    return CAPTION_PREFIX + ", ".join(positives)
 
 def class_prompts(names):  # the hand-written zero-shot prompt of each class
     return [CAPTION_PREFIX + name.lower() for name in names]
@@ -252,9 +250,12 @@ def load_splits(cfg, val_fraction=0.05):
         if not cfg.data_root:
             die("--data csv needs --data-root: the CSV file with image and text columns.")
         rows, folder = read_csv(cfg.data_root, ["image", "text"]), Path(cfg.data_root).parent
-        pairs = [(str(folder / r["image"]), r["text"]) for r in rows]
-        train, val = split_by_patient(pairs, val_fraction, key=lambda pair: pair[0])
-        return {"train": train, "val": val, "test": []}
+        if "split" not in rows[0]:  # a split column (train/val; other rows unused) is kept as is
+            for row in split_by_patient(rows, val_fraction, key=lambda row: row["image"])[1]:
+                row["split"] = "val"
+        pairs = lambda name: [(str(folder / r["image"]), r["text"]) for r in rows
+                              if r.get("split", "train") == name]
+        return {"train": pairs("train"), "val": pairs("val"), "test": []}
     splits = chexpert_rows(cfg.data_root, val_fraction)
     return {"train": [(r["image"], caption_from_labels(r)) for r in splits["train"]],
             "val": [(r["image"], caption_from_labels(r)) for r in splits["val"]],
@@ -513,8 +514,7 @@ def contrastive_loss(image_features, text_features, logit_scale, ids=None):
     return (F.cross_entropy(logits_per_image, targets)
             + F.cross_entropy(logits_per_text, targets)) / 2
 
-def caption_ids(captions, device):
-    """A stable 63-bit id per caption, equal on every rank for equal text (--multi-positive)."""
+def caption_ids(captions, device):  # a 63-bit id per caption, the same on every rank
     digest = lambda c: hashlib.blake2b(c.encode(), digest_size=8).digest()
     return torch.tensor([int.from_bytes(digest(c), "little") >> 1 for c in captions], device=device)
 
@@ -543,9 +543,10 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
 
 def make_optimizer(model, lr, weight_decay, fused=False):
     """AdamW; weight decay on matrices only: not on biases, norms, IA3 vectors or the scale."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrix = lambda n, p: p.ndim >= 2 and "ia3_l" not in n  # peft keeps IA3 vectors as (d, 1)
+    groups = [{"params": [p for n, p in trainable if matrix(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in trainable if not matrix(n, p)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 # --- Checkpoints: OUT/{last,best}/ = config.json, model.safetensors (trained weights only),
@@ -571,8 +572,7 @@ def save_checkpoint(directory, model, optimizer, cfg, step, best_val_loss):
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
 
-def checkpoint_dir(directory):
-    """The checkpoint folder, or the previous one if a crash hit between a save's two renames."""
+def checkpoint_dir(directory):  # or DIR.old, if a crash hit between a save's two renames
     for folder in (Path(directory), Path(f"{directory}.old")):
         if (folder / "model.safetensors").exists():
             return folder

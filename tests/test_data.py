@@ -36,10 +36,8 @@ def test_caption_uses_positive_findings_in_header_order():
         cleft.caption_from_labels(r)
         == "this is a chest x ray of a patient with cardiomegaly, pleural effusion"
     )
-    assert (
-        cleft.caption_from_labels(row(Edema="-1.0"))
-        == "this is a chest x ray of a patient with no finding"
-    )
+    # only uncertain or blank labels: not a healthy study, so the bare prefix (public code)
+    assert cleft.caption_from_labels(row(Edema="-1.0")) == "this is a chest x ray of a patient with "
     assert (
         cleft.caption_from_labels(row(No_Finding="1.0"))
         == "this is a chest x ray of a patient with no finding"
@@ -138,6 +136,14 @@ def test_pairs_csv(tmp_path):
         Path(path).exists() and text == f"report {Path(path).stem}"
         for path, text in splits["train"] + splits["val"]
     )
+    # a split column is kept as given: train and val by name, any other rows (test) left out
+    names = ["train"] * 30 + ["val"] * 6 + ["test"] * 4
+    (tmp_path / "split.csv").write_text("image,text,split\n" + "".join(
+        f"images/{i}.jpg,report {i},{name}\n" for i, name in enumerate(names)))
+    splits = cleft.load_splits(
+        cleft.parse_config(["--data", "csv", "--data-root", str(tmp_path / "split.csv")]))
+    assert [Path(path).stem for path, _ in splits["train"]] == [str(i) for i in range(30)]
+    assert [Path(path).stem for path, _ in splits["val"]] == [str(i) for i in range(30, 36)]
     (tmp_path / "bad.csv").write_text("path,caption\na.jpg,x\n")
     with pytest.raises(SystemExit, match=r"lacks the column\(s\) \['image', 'text'\]"):
         cleft.load_splits(

@@ -92,3 +92,13 @@ def test_no_weight_decay_on_scale_and_vectors():
     )
     assert id(model.logit_scale) in plain and id(model.image_projection.weight) in decayed
     assert len(decayed | plain) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_ia3_vectors_get_no_weight_decay():
+    """peft stores IA3's scaling vectors as (d, 1) and (1, d) tensors: vectors all the same."""
+    model = cleft.CLEFT(tiny_config(peft="ia3"))
+    optimizer = cleft.make_optimizer(model, lr=1e-3, weight_decay=0.2)
+    decayed = set(map(id, optimizer.param_groups[0]["params"]))
+    ia3 = [p for n, p in model.named_parameters() if "ia3_l" in n]
+    assert len(ia3) == 4 and not any(id(p) in decayed for p in ia3)
+    assert id(model.text_projection.weight) in decayed

@@ -140,7 +140,11 @@ def test_models_load_through_from_pretrained(tmp_path):
     vision.save_pretrained(tmp_path / "vision")
     from_code = tiny_model()
     from_disk = tiny_model(text_model=str(tmp_path / "text"), vision_model=str(tmp_path / "vision"))
-    from_disk.load_state_dict(from_code.state_dict())  # same projections; the towers came from disk
+    code, disk = from_code.state_dict(), from_disk.state_dict()
+    towers = [k for k in code if k.startswith(("image_tower.", "text_tower.")) and "lora_" not in k]
+    assert len(towers) > 40 and all(torch.equal(code[k], disk[k]) for k in towers)  # read from disk
+    # the parts that are not the loaded models (projections, temperature, adapter) made equal
+    from_disk.load_state_dict({k: v for k, v in code.items() if k not in towers}, strict=False)
     images = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         for a, b in zip(from_code(images, CAPTIONS[:2]), from_disk(images, CAPTIONS[:2])):
