@@ -1,13 +1,16 @@
 """
 `python cleft.py --dry-run`: the parameter table of the configured model, built on PyTorch's meta
 device from stored architectures (no weights, no memory, no download), and set against the paper's
-comparison, a CLIP whose text tower is a fully trained BERT-base. Not part of the method.
+comparison, vanilla CLIP ViT-B/16 (its Fig. 1), and a CLIP with a fully trained BERT-base text
+tower. Not part of the method.
 """
 
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
+
+from transformers import AutoModel
 
 from cleft import CLEFT
 
@@ -25,6 +28,11 @@ ARCHITECTURES = {  # hub id -> (model type, config) of the paper's and the prese
                                              patch_size=14)),
     "bert-base-uncased": ("bert", dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
                                        num_attention_heads=12)),
+    "openai/clip-vit-base-patch16": ("clip", dict(projection_dim=512, text_config=dict(
+        hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+        max_position_embeddings=77, vocab_size=49408), vision_config=dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        image_size=224, patch_size=16))),
 }
 
 
@@ -39,11 +47,12 @@ def architecture(name):
 
 
 def parameter_report(cfg):
-    """A Markdown table of the parameters of each part, total and trained, and three ratios."""
+    """A Markdown table of the parameters of each part, total and trained, and the ratios."""
     bert_cfg = replace(cfg, text_model="bert-base-uncased", peft="none", full_ft_lm=True,
                        freeze_lm=False)
     with torch.device("meta"):
         model, bert = CLEFT(cfg, weights=False), CLEFT(bert_cfg, weights=False)
+        clip = AutoModel.from_config(architecture("openai/clip-vit-base-patch16"))
     count = lambda module: sum(p.numel() for p in module.parameters())
     trained = lambda module: sum(p.numel() for p in module.parameters() if p.requires_grad)
     lm_mode = "frozen" if cfg.freeze_lm else "fully trained" if cfg.full_ft_lm else cfg.peft
@@ -57,10 +66,15 @@ def parameter_report(cfg):
               f"| **total** | **{count(model):,}** | **{trained(model):,}** |", ""]
     lm, lm_total = trained(model.text_tower), count(model.text_tower)
     bert_lm = trained(bert.text_tower)
+    clip_text = count(clip.text_model) + count(clip.text_projection)  # all of CLIP is trained
     lines += [f"trained share of the text tower: {100 * lm / lm_total:.3f}% ({lm:,} of "
               f"{lm_total:,})",
+              "trained text-tower parameters vs vanilla CLIP ViT-B/16's text tower "
+              f"({clip_text:,}): {100 * lm / clip_text:.2f}%",
+              f"trained parameters in all vs vanilla CLIP ViT-B/16 ({count(clip):,}): "
+              f"{100 * (1 - trained(model) / count(clip)):.1f}% fewer",
               "trained text-tower parameters vs a fully trained BERT-base text tower "
               f"({bert_lm:,}): {100 * lm / bert_lm:.2f}%",
-              f"trained parameters in all vs that CLIP baseline ({trained(bert):,}): "
+              f"trained parameters in all vs a CLIP with that text tower ({trained(bert):,}): "
               f"{100 * trained(model) / trained(bert):.1f}%"]
     return "\n".join(lines)

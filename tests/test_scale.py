@@ -75,6 +75,9 @@ def test_dry_run_prints_the_table_offline():
         "| text tower (stanford-crfm/BioMedLM, lora) | 2,596,869,120 | 2,621,440 |" in result.stdout
     )
     assert "vs a fully trained BERT-base text tower (108,891,648): 2.41%" in result.stdout
+    # the paper's comparison (Fig. 1): vanilla CLIP ViT-B/16, 63.4M text tower, 149.6M in all
+    assert "vs vanilla CLIP ViT-B/16's text tower (63,428,096): 4.13%" in result.stdout
+    assert "vs vanilla CLIP ViT-B/16 (149,620,737): 39.2% fewer" in result.stdout
 
 
 def test_preset_defaults_yield_to_flags():
