@@ -30,12 +30,12 @@ from tqdm import tqdm
 import demo
 from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches, XrayDataset, arg,
                    autocast_for, caption_from_labels, chexpert_rows, die, embed_images,
-                   eval_batches, five_class_index, load_config, load_model, make_loader,
-                   parse_config, print0, read_csv, split_by_patient)
+                   eval_batches, five_class_index, get_lr, load_config, load_model, make_loader,
+                   make_optimizer, parse_config, print0, read_csv, split_by_patient)
 from prompt_tune import PromptLearner, labelled_splits, load_prompt, zero_shot_logits
 
 # --- Config
-DATASETS = ["demo", "chexpert5x200", "rsna", "embed-birads", "embed-density", "csv"]
+DATASETS = ["demo", "chexpert", "chexpert5x200", "rsna", "embed-birads", "embed-density", "csv"]
 TASKS = ["zeroshot", "linear", "finetune", "retrieval"]
 
 @dataclass
@@ -47,11 +47,15 @@ class EvalConfig:
     task: str = arg("all", "what to evaluate", TASKS + ["all"])
     data_pct: float = arg(1.0, "fraction of the training split for linear/finetune (1, 0.1, 0.01)")
     build_5x200: bool = arg(False, "build chexpert_5x200.csv from train.csv if missing (seed 0)")
+    per_class: int = arg(200, "--build-5x200: images per class (GLoRIA: 200)")
+    rsna_split: str = arg("balanced", "balanced: the paper's 1:1 subset; gloria: GLoRIA/MGCA's "
+                          "unbalanced 70/15/15", ["balanced", "gloria"])
     classes: str = arg("", "--data csv: comma-separated class names, as in the label column")
     prompts: str = arg("", "--data csv: ';'-separated zero-shot prompts, one per class")
     batch_size: int = arg(36, "linear probe / fine-tune batch (paper: 36)")
     lr: float = arg(5e-4, "linear probe / fine-tune learning rate, AdamW (paper: 5e-4)")
     weight_decay: float = arg(1e-3, "linear probe / fine-tune weight decay (paper: 1e-3)")
+    warmup_steps: int = arg(-1, "linear probe / fine-tune warm-up steps (-1: a tenth of the steps)")
     max_steps: int = arg(8000, "linear probe / fine-tune steps (paper: 8000)")
     eval_every: int = arg(500, "validate every N steps; the best validation loss is tested")
     seed: int = arg(0, "seed for the head, the batches and the --data-pct subset")
@@ -77,7 +81,7 @@ def build_5x200(rows, per_class=200, seed=0):
     for i, candidates in by_class.items():
         if len(candidates) < per_class:
             die(f"only {len(candidates)} rows qualify for {FIVE_CLASSES[i]}, fewer than "
-                f"{per_class}: lower the count per class.")
+                f"{per_class}: lower the count per class (--per-class).")
     rng = random.Random(seed)
     return [row for i in by_class for row in rng.sample(by_class[i], per_class)]
 
@@ -90,10 +94,13 @@ def chexpert5x200_data(cfg):
         if not cfg.build_5x200:
             die(f"no chexpert_5x200.csv in {root}: pass --build-5x200 to build it from train.csv "
                 "(GLoRIA rule, seed 0).")
-        rows = build_5x200(read_csv(root / "train.csv", CHEXPERT_COLUMNS), per_class=200, seed=0)
+        rows = build_5x200(read_csv(root / "train.csv", CHEXPERT_COLUMNS), cfg.per_class, seed=0)
         write_csv(root / "chexpert_5x200.csv", rows, CHEXPERT_COLUMNS)
         print0(f"wrote {root / 'chexpert_5x200.csv'} ({len(rows)} images)")
     splits = labelled_splits(cfg, FIVE_CLASSES)
+    if dropped := len(read_csv(root / "chexpert_5x200.csv", ["Path"])) - len(splits["test"]):
+        print0(f"note: {dropped} rows of chexpert_5x200.csv break the 5x200 rule (an uncertain -1, "
+               "two of the classes, or another finding present) and are left out")
     pairs = [(r["image"], caption_from_labels(r)) for r in chexpert_rows(root)["val"]]
     texts = [name.lower() for name in FIVE_CLASSES]
     return EvalData(FIVE_CLASSES, [CAPTION_PREFIX + t for t in texts], texts, splits, pairs)
@@ -118,6 +125,25 @@ def rsna_split(patients):
     test, val = sklearn_split(rest, 0.5)  # their code names the first part test, the second valid
     return {"train": train, "val": val, "test": test}
 
+def rsna_balanced(target, root, seed=0):
+    """The paper's (MedCLIP's) 1:1 subset: every positive patient and as many negatives, seeded;
+    3,538 / 12,024 of each class for test, so 8,486 / 3,538 images on the full release. The
+    public code's stage_2_{train,test}_balance.csv in the data root are used when present.
+    Validation: a tenth of each class of the training patients."""
+    rng, files = random.Random(seed), [root / f"stage_2_{n}_balance.csv" for n in ("train", "test")]
+    if all(file.exists() for file in files):
+        train, test = ([r["patientId"] for r in read_csv(file, ["patientId"])] for file in files)
+    else:
+        positives = rng.sample(sorted(p for p, t in target.items() if t), sum(target.values()))
+        negatives = rng.sample(sorted(p for p, t in target.items() if not t), len(positives))
+        n_test = round(len(positives) * 3538 / 12024)
+        train = positives[n_test:] + negatives[n_test:]
+        test = positives[:n_test] + negatives[:n_test]
+    train = rng.sample(train, len(train))
+    of_class = lambda label: [p for p in train if target[p] == label]
+    val = set(p for label in (0, 1) for p in of_class(label)[:round(len(of_class(label)) / 10)])
+    return {"train": [p for p in train if p not in val], "val": sorted(val), "test": test}
+
 def rsna_data(cfg):
     """RSNA Pneumonia: a patient is positive if any of its boxes has Target 1. Images are
     stage_2_train_images/<patientId>.png, .jpg or .dcm (the DICOM only through pydicom)."""
@@ -140,8 +166,8 @@ def rsna_data(cfg):
         except ImportError:
             die("the RSNA images are DICOM files: pip install pydicom, or convert them to PNG "
                 "with the same names.")
-    splits = {name: [(paths[p], target[p]) for p in patients]
-              for name, patients in rsna_split(target).items()}
+    parts = rsna_split(target) if cfg.rsna_split == "gloria" else rsna_balanced(target, root)
+    splits = {name: [(paths[p], target[p]) for p in patients] for name, patients in parts.items()}
     texts = ["no finding", "pneumonia"]  # the public code's "pneumothorax" here is a bug
     return EvalData(["Normal", "Pneumonia"], [CAPTION_PREFIX + t for t in texts], texts, splits)
 
@@ -220,7 +246,8 @@ def load_data(cfg):
         die(f"--data {cfg.data} needs --data-root (see the README for each dataset's layout).")
     if cfg.data == "demo":
         demo.prepare(cfg.data_root)
-    loader = {"demo": chexpert5x200_data, "chexpert5x200": chexpert5x200_data, "rsna": rsna_data,
+    loader = {"demo": chexpert5x200_data, "chexpert": chexpert5x200_data,
+              "chexpert5x200": chexpert5x200_data, "rsna": rsna_data,
               "embed-birads": embed_data, "embed-density": embed_data, "csv": csv_data}[cfg.data]
     return loader(cfg)
 
@@ -282,22 +309,26 @@ def zero_shot(model, data, cfg, device, autocast):
     logits = zero_shot_logits(model, image_features, class_features)
     return scores(logits.softmax(dim=1).cpu().numpy(), labels)
 
-def fit(head_params, batch_loss, val_loss, cfg, desc):
-    """AdamW for cfg.max_steps on batch_loss(step); every eval_every steps, keep the parameters
-    with the smallest val_loss(). The best parameters are loaded back in place."""
-    optimizer = torch.optim.AdamW(head_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def fit(module, batch_loss, val_loss, cfg, desc):
+    """AdamW (no weight decay on biases and norms) for cfg.max_steps on batch_loss(step), with
+    stage 1's warm-up and cosine schedule; every eval_every steps, keep the parameters with the
+    smallest val_loss(). The best parameters are loaded back in place."""
+    optimizer, params = make_optimizer(module, cfg.lr, cfg.weight_decay), list(module.parameters())
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else cfg.max_steps // 10
     best = (float("inf"), None)
     for step in tqdm(range(cfg.max_steps + 1), desc=desc, leave=False):
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             if (loss := val_loss()) < best[0]:
-                best = (loss, [p.detach().clone() for p in head_params])
+                best = (loss, [p.detach().clone() for p in params])
         if step == cfg.max_steps:
             break
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, cfg.lr, warmup, cfg.max_steps)
         batch_loss(step).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        for p, saved in zip(head_params, best[1]):
+        for p, saved in zip(params, best[1]):
             p.copy_(saved)
 
 def linear_probe(model, data, cfg, device, autocast, train):
@@ -316,7 +347,7 @@ def linear_probe(model, data, cfg, device, autocast, train):
         return F.cross_entropy(head(x_train[index]), y_train[index])
 
     val_loss = lambda: F.cross_entropy(head(x_val), y_val).item()
-    fit(list(head.parameters()), batch_loss, val_loss, cfg, "linear probe")
+    fit(head, batch_loss, val_loss, cfg, "linear probe")
     with torch.no_grad():
         return scores(head(x_test).softmax(dim=1).cpu().numpy(), y_test)
 
@@ -347,7 +378,7 @@ def fine_tune(model, data, cfg, device, autocast, train):
         tower.train()
         return F.cross_entropy(logits, labels).item()
 
-    fit(list(tower.parameters()) + list(head.parameters()), batch_loss, val_loss, cfg, "fine-tune")
+    fit(nn.ModuleList([tower, head]), batch_loss, val_loss, cfg, "fine-tune")
     tower.eval()
     with torch.no_grad():
         logits, labels = features_of(model, data.splits["test"], cfg, device, autocast, classify)

@@ -194,7 +194,8 @@ def test_rsna_reader(tmp_path):
         rows,
         ["patientId", "x", "y", "width", "height", "Target"],
     )
-    data = evaluate.load_data(config("--data", "rsna", "--data-root", str(tmp_path)))
+    data = evaluate.load_data(
+        config("--data", "rsna", "--data-root", str(tmp_path), "--rsna-split", "gloria"))
     assert data.prompts == [cleft.CAPTION_PREFIX + "no finding", cleft.CAPTION_PREFIX + "pneumonia"]
     everything = data.splits["train"] + data.splits["val"] + data.splits["test"]
     assert (len(data.splits["train"]), len(data.splits["val"]), len(data.splits["test"])) == (
@@ -205,6 +206,47 @@ def test_rsna_reader(tmp_path):
     assert sorted(everything) == sorted(
         (str(tmp_path / "stage_2_train_images" / f"id{i}.png"), int(i % 4 == 0)) for i in range(40)
     )
+
+
+def rsna_release(root, patients=26684, positive=6012):
+    """stage_2_train_labels.csv with the release's counts (a positive patient has several box rows)
+    and an empty image file per patient (the split does not read them)."""
+    (root / "stage_2_train_images").mkdir()
+    rows = []
+    for i in range(patients):
+        (root / "stage_2_train_images" / f"p{i:05d}.png").touch()
+        for box in range(2 if i < positive else 1):
+            rows.append({"patientId": f"p{i:05d}", "x": box, "y": 1, "width": 2, "height": 2,
+                         "Target": int(i < positive)})
+    write_rows(root / "stage_2_train_labels.csv", rows,
+               ["patientId", "x", "y", "width", "height", "Target"])
+
+
+def test_rsna_balanced_subset_has_the_papers_sizes(tmp_path):
+    rsna_release(tmp_path)
+    data = evaluate.load_data(config("--data", "rsna", "--data-root", str(tmp_path)))
+    parts = {name: data.splits[name] for name in ("train", "val", "test")}
+    assert len(parts["train"]) + len(parts["val"]) == 8486 and len(parts["test"]) == 3538
+    for records in parts.values():  # 1:1 in each part
+        assert 2 * sum(label for _, label in records) == len(records)
+    patients = [Path(path).stem for records in parts.values() for path, _ in records]
+    assert len(patients) == len(set(patients))  # no patient in two parts
+    again = evaluate.load_data(config("--data", "rsna", "--data-root", str(tmp_path)))
+    assert again.splits == data.splits  # seeded
+
+
+def test_rsna_uses_the_public_split_files_when_present(tmp_path):
+    rsna_release(tmp_path, patients=100, positive=20)
+    train = [{"patientId": f"p{i:05d}", "Target": int(i < 20)} for i in range(10, 40)]
+    test = [{"patientId": f"p{i:05d}", "Target": int(i < 20)} for i in range(10)]
+    test += [{"patientId": f"p{i:05d}", "Target": 0} for i in range(40, 50)]
+    write_rows(tmp_path / "stage_2_train_balance.csv", train, ["patientId", "Target"])
+    write_rows(tmp_path / "stage_2_test_balance.csv", test, ["patientId", "Target"])
+    data = evaluate.load_data(config("--data", "rsna", "--data-root", str(tmp_path)))
+    stems = lambda name: sorted(Path(path).stem for path, _ in data.splits[name])
+    assert stems("test") == sorted(r["patientId"] for r in test)
+    assert sorted(stems("train") + stems("val")) == sorted(r["patientId"] for r in train)
+    assert len(stems("val")) == 3  # a tenth of each class: 1 of 10 positives, 2 of 20 negatives
 
 
 def test_embed_reader(tmp_path):
