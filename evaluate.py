@@ -62,6 +62,7 @@ class EvalConfig:
     num_workers: int = arg(-1, "data-loading processes (-1: the CPU cores, less one)")
     dtype: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
     out: str = arg("", "results file (default: CKPT/results_DATA.json)")
+    export: str = arg("", "EMBED: also write the train/val captions and labels to this CSV")
 
 # --- Datasets: classes, their hand-written prompts, splits of (path, class), paired captions
 @dataclass
@@ -173,45 +174,75 @@ def rsna_data(cfg):
 
 MAMMOGRAM_PREFIX = "this is a breast 2d full-field digital mammogram of a patient with "
 BIRADS = {"A": "birads score 0: additional imaging required", "N": "birads score 1: negative",
-          "B": "birads score 2: benign", "P": "birads score 3: probably benign",
+          "B": "birads score 2: benign finding", "P": "birads score 3: probably benign finding",
           "S": "birads score 4: suspicious abnormality",
           "M": "birads score 5: highly suggestive of malignancy",
           "K": "birads score 6: known biopsy-proven malignancy"}
-DENSITY = {"1": "breast tissue density 1: almost entirely fatty",
+DENSITY = {"1": "breast tissue density 1: almost entirely fat",
            "2": "breast tissue density 2: scattered fibroglandular densities",
            "3": "breast tissue density 3: heterogeneously dense",
            "4": "breast tissue density 4: extremely dense"}
 
-def embed_data(cfg):
-    """EMBED: 2D images of EMBED_OpenData_metadata.csv joined with the exam's assessment in
-    EMBED_OpenData_clinical.csv (same patient, exam and side; side B = both). BI-RADS from `asses`,
-    density from `tissueden` (5, 'normal male', excluded). Patient split 70/15/15, seed 0."""
-    root = Path(cfg.data_root)
-    column, labels = ("asses", BIRADS) if cfg.data == "embed-birads" else ("tissueden", DENSITY)
-    keys, clinical, records = list(labels), {}, []
+def embed_records(root):
+    """2D images of EMBED_OpenData_metadata.csv with the exam's BI-RADS (`asses`) and density
+    (`tissueden`; 5, 'normal male', left out) from EMBED_OpenData_clinical.csv, joined on patient,
+    exam and side (side B covers both), split by patient 70% train / 10% val / 20% rest (seed 0)."""
+    clinical, records = {}, []
     for row in read_csv(root / "EMBED_OpenData_clinical.csv",
-                        ["empi_anon", "acc_anon", "side", column]):
-        value = row[column].split(".")[0]  # tissueden is written as 3.0 in some releases
-        if value in labels:
-            for side in ("L", "R") if row["side"] == "B" else (row["side"],):
-                clinical[(row["empi_anon"], row["acc_anon"], side)] = keys.index(value)
+                        ["empi_anon", "acc_anon", "side", "asses", "tissueden"]):
+        density = row["tissueden"].split(".")[0]  # written as 3.0 in some releases
+        for side in ("L", "R") if row["side"] == "B" else (row["side"],):
+            labels = clinical.setdefault((row["empi_anon"], row["acc_anon"], side), {})
+            labels.update({k: v for k, v in [("birads", row["asses"]), ("density", density)]
+                           if v in (BIRADS if k == "birads" else DENSITY)})
     for row in read_csv(root / "EMBED_OpenData_metadata.csv",
                         ["empi_anon", "acc_anon", "ImageLateralityFinal", "FinalImageType",
                          "anon_dicom_path"]):
-        label = clinical.get((row["empi_anon"], row["acc_anon"], row["ImageLateralityFinal"]))
-        if row["FinalImageType"] == "2D" and label is not None:
+        labels = clinical.get((row["empi_anon"], row["acc_anon"], row["ImageLateralityFinal"]))
+        if row["FinalImageType"] == "2D" and labels:
             path = row.get("png_path") or row["anon_dicom_path"]
-            records.append({"image": str(root / path.lstrip("/")), "label": label,
-                            "patient": row["empi_anon"]})
-    if not records:
-        die(f"no 2D EMBED image in {root} has a {column} label: check the two CSVs (README, "
-            "'EMBED').")
+            records.append({"image": str(root / path.lstrip("/")), "patient": row["empi_anon"],
+                            **labels})
     train, rest = split_by_patient(records, 0.3, key=lambda r: r["patient"])
-    val, test = split_by_patient(rest, 0.5, key=lambda r: r["patient"])
-    splits = {name: [(r["image"], r["label"]) for r in part]
-              for name, part in [("train", train), ("val", val), ("test", test)]}
+    val, rest = split_by_patient(rest, 2 / 3, key=lambda r: r["patient"])
+    return {"train": train, "val": val, "rest": rest}
+
+def embed_data(cfg):
+    """EMBED BI-RADS or density: train and val images of embed_records; the test set is balanced
+    and drawn from the other 20% (seed 0): BI-RADS 7 classes x 200, density 4 x 500 (the paper)."""
+    root, task = Path(cfg.data_root), cfg.data.split("-")[1]
+    labels, per_class = (BIRADS, 200) if task == "birads" else (DENSITY, 500)
+    keys, parts = list(labels), embed_records(root)
+    by_class = [[r for r in parts["rest"] if r.get(task) == k] for k in keys]
+    if (have := min(map(len, by_class))) == 0:
+        die(f"the test part of {root} lacks a {task} class: check the two EMBED CSVs (README).")
+    if have < per_class:
+        print0(f"note: a {task} class has {have} test images, fewer than {per_class}: the balanced "
+               f"test set holds {have} per class")
+    rng, n = random.Random(0), min(have, per_class)
+    test = [r for records in by_class for r in rng.sample(records, n)]
+    parts = {"train": parts["train"], "val": parts["val"], "test": test}
+    splits = {name: [(r["image"], keys.index(r[task])) for r in records if task in r]
+              for name, records in parts.items()}
     texts = [labels[k] for k in keys]
+    if cfg.export:  # the pairs and labels for pre-training and stage 2 on EMBED (README)
+        export_embed(parts, task, labels, Path(cfg.export))
     return EvalData(keys, [MAMMOGRAM_PREFIX + t for t in texts], texts, splits)
+
+def export_embed(parts, task, labels, out):
+    """A CSV of the train and val images (never the test part) for cleft.py --data csv and
+    prompt_tune.py --data csv: image (relative to the file), text (a caption from both labels, in
+    the prompts' wording), label (this task's class text, or blank), split."""
+    rows = []
+    for split in ("train", "val"):
+        for r in parts[split]:
+            caption = ", ".join(t[r[k]] for k, t in [("birads", BIRADS), ("density", DENSITY)]
+                                if k in r)
+            rows.append({"image": os.path.relpath(r["image"], out.parent), "split": split,
+                         "text": MAMMOGRAM_PREFIX + caption, "label": labels.get(r.get(task), "")})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(out, rows, ["image", "text", "label", "split"])
+    print0(f"wrote {out}: {len(rows)} train and val images with captions and {task} labels")
 
 def csv_data(cfg):
     """Any dataset: a CSV with image and label columns (paths relative to it), an optional split
@@ -421,11 +452,13 @@ def markdown_table(report):
 
 def main(argv=None):
     cfg = parse_config(argv, EvalConfig, __doc__)
-    if not cfg.ckpt:
+    if not cfg.ckpt and not cfg.export:
         die("--ckpt is required: the best/ (or last/) folder of a cleft.py run.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype, autocast = autocast_for(cfg.dtype, device)
     data = load_data(cfg)
+    if cfg.export:  # written by load_data; nothing to evaluate
+        return
     train = subset(data.splits["train"], cfg.data_pct, cfg.seed)
     print0(f"{cfg.data}: {len(train)} train ({cfg.data_pct:.0%}), {len(data.splits['val'])} val, "
            f"{len(data.splits['test'])} test images, {len(data.pairs)} image-caption pairs; "

@@ -1,15 +1,11 @@
 """CLEFT stage 2: learn a context prompt shared by all classes, with both encoders frozen (paper
 section 2.2). The hand-written caption "this is a chest x ray of a patient with" becomes L
 learnable token embeddings, trained with the zero-shot classification cross-entropy on image
-features computed once.
+features computed once. The context goes to CKPT/prompt.safetensors (evaluate.py --prompt).
 
-Demo (after `python cleft.py`; offline, a minute or two on a CPU):
-    python prompt_tune.py --ckpt runs/demo/best
-CheXpert (the five CheXpert-5x200 classes), one GPU or several:
-    python prompt_tune.py --ckpt runs/cleft/best --data chexpert --data-root /data/chexpert
+    python prompt_tune.py --ckpt runs/demo/best          # the demo, after python cleft.py
     torchrun --nproc_per_node=2 prompt_tune.py --ckpt runs/cleft/best --data chexpert \\
-        --data-root /data/chexpert
-The context is saved to CKPT/prompt.safetensors; `evaluate.py --prompt FILE` loads it.
+        --data-root /data/chexpert                       # CheXpert's five 5x200 classes
 """
 
 import json
@@ -27,7 +23,7 @@ from tqdm import tqdm
 
 import demo
 from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, XrayDataset, arg, autocast_for,
-                   chexpert_rows, class_prompts, die, embed_images, eval_batches,
+                   chexpert_rows, die, embed_images, eval_batches,
                    five_class_index, get_lr, load_config, load_model, make_loader, parse_config,
                    print0, read_csv, setup_distributed, split_by_patient)
 
@@ -36,8 +32,9 @@ from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, XrayDataset, arg, aut
 class PromptConfig:
     ckpt: str = arg("", "stage-1 checkpoint folder, e.g. runs/cleft/best (required)")
     data: str = arg("demo", "dataset", ["demo", "chexpert", "csv"])
-    data_root: str = arg("", "CheXpert folder, or a CSV with image,label columns (--data csv)")
-    classes: str = arg("", "comma-separated class names (default: the five 5x200 classes)")
+    data_root: str = arg("", "CheXpert folder, or a CSV of image,label[,split] (--data csv)")
+    classes: str = arg("", "comma-separated class names (default: the 5x200 classes; csv: its own)")
+    init: str = arg("", "the caption the context starts from (default: the chest X-ray caption)")
     context_length: int = arg(30, "learnable context tokens L (paper: 30)")
     batch_size: int = arg(36, "images per step (paper: 36)")
     lr: float = arg(1e-3, "SGD learning rate, momentum 0.9 (paper: 1e-3)")
@@ -51,23 +48,24 @@ class PromptConfig:
     out: str = arg("", "output file (default: CKPT/prompt.safetensors); a .jsonl log beside it")
 
 # --- Data: images positive for exactly one of the classes
-def single_positive(row, classes):
-    """Index of the one class in `classes` this row is positive (1.0) for, else None."""
+def single_positive(row, classes):  # the one class of `classes` the row is 1.0 for, or None
     positives = [i for i, name in enumerate(classes) if row.get(name) in ("1", "1.0")]
     return positives[0] if len(positives) == 1 else None
 
 def labelled_splits(cfg, classes):
-    """{'train', 'val', 'test'}: lists of (image path, class index). CheXpert: stage 1's patient
-    split, so held-out images are unseen in both stages; never the 5x200 patients ('test')."""
-    if cfg.data == "csv":
-        rows = read_csv(cfg.data_root, ["image", "label"])
+    """{'train', 'val', 'test'}: (image, class index); CheXpert: stage 1's patient split."""
+    if cfg.data == "csv":  # rows with a blank label are left out; a split column is kept
+        rows = [r for r in read_csv(cfg.data_root, ["image", "label"]) if r["label"]]
         if unknown := sorted({r["label"] for r in rows} - set(classes)):
             die(f"{cfg.data_root} has labels {unknown[:5]} that are not in --classes: list every "
                 "class name.")
-        pair = lambda row: (str(Path(cfg.data_root).parent / row["image"]),
-                            classes.index(row["label"]))
-        train, val = split_by_patient(rows, 0.05, key=lambda row: row["image"])
-        return {"train": [pair(r) for r in train], "val": [pair(r) for r in val], "test": []}
+        if "split" not in rows[0]:  # else 5% of the images held out
+            for row in split_by_patient(rows, 0.05, key=lambda row: row["image"])[1]:
+                row["split"] = "val"
+        pairs = lambda name: [(str(Path(cfg.data_root).parent / r["image"]),
+                               classes.index(r["label"])) for r in rows
+                              if r.get("split", "train") == name]
+        return {"train": pairs("train"), "val": pairs("val"), "test": []}
     if missing := [name for name in classes if name not in FINDINGS]:
         die(f"--classes {missing} are not CheXpert label columns: use names from the train.csv "
             "header.")
@@ -94,13 +92,14 @@ class PromptLearner(nn.Module):
         device = embedding.weight.device
         tokenize = lambda text: tower.tokenizer(text, add_special_tokens=False)["input_ids"]
         if context is None:  # from the hand-written caption; a longer one keeps its last L tokens
-            init_ids = tokenize(init)[-context_length:]
+            if (n := len(tokenize(init))) > context_length:  # --context-length n keeps it all
+                print0(f"note: the context starts from the last {context_length} of {n} tokens")
+            ids = tokenize(init)[-context_length:]
             with torch.no_grad():  # uniform, with the spread of the real embeddings
                 bound = embedding.weight.std().item() * 3 ** 0.5
                 context = torch.empty(context_length, embedding.weight.shape[1], device=device)
                 context.uniform_(-bound, bound)
-                init_ids = torch.tensor(init_ids, device=device)
-                context[context_length - len(init_ids):] = embedding(init_ids)
+                context[context_length - len(ids):] = embedding(torch.tensor(ids).to(device))
         self.context = nn.Parameter(context.float().to(device))  # (L, H)
         # " edema": tokenized as it follows "with" in the caption
         class_ids = [tokenize(" " + name.lower()) + [tower.eos_id] for name in classes]
@@ -123,19 +122,16 @@ class PromptLearner(nn.Module):
         pooled = model.text_tower.pool_at_eos(self.eos_positions, **inputs)  # (C, width)
         return F.normalize(model.text_projection(pooled).float(), dim=-1)
 
-def zero_shot_logits(model, image_features, class_features):
-    """scale * cos(image, class) in fp32, (B, C): stage 1's InfoNCE logits, read as a classifier."""
+def zero_shot_logits(model, image_features, class_features):  # stage 1's logits, (B, C), fp32
     return model.logit_scale.float().exp() * image_features.float() @ class_features.float().T
 
-def save_prompt(path, learner, classes, cfg):
-    """The context and what it means (classes, config) in one safetensors file, atomically."""
+def save_prompt(path, learner, classes, cfg):  # the context, its classes and config, atomically
     tmp = Path(f"{path}.tmp")
     save_file({"context": learner.context.detach().cpu().contiguous()}, tmp,
               metadata={"classes": json.dumps(classes), "config": json.dumps(asdict(cfg))})
     os.replace(tmp, path)
 
-def load_prompt(path):
-    """(context (L, H), classes) from a file written by save_prompt."""
+def load_prompt(path):  # (context (L, H), classes) from a file written by save_prompt
     if not Path(path).is_file():
         die(f"no prompt file at {path}: run prompt_tune.py first, or drop --prompt to use the "
             "hand-written prompt.")
@@ -150,15 +146,16 @@ def main(argv=None):
     rank, world_size, device = setup_distributed()
     dtype, autocast = autocast_for(cfg.dtype, device)
     classes = [name.strip() for name in cfg.classes.split(",")] if cfg.classes else FIVE_CLASSES
+    if cfg.data == "csv" and not cfg.classes:  # the CSV's own labels
+        classes = sorted({r["label"] for r in read_csv(cfg.data_root, ["label"])} - {""})
     out = Path(cfg.out or Path(cfg.ckpt) / "prompt.safetensors")
     print0(f"config: {json.dumps(asdict(cfg))}\nworld size {world_size} on {device}, {dtype}")
     if cfg.data == "demo":
         demo.prepare(cfg.data_root)
     splits = labelled_splits(cfg, classes)
-    for name in ("train", "val"):
-        if not splits[name]:
-            die(f"no {name} image is positive for exactly one of {classes}: check --data-root "
-                "and --classes.")
+    if not (splits["train"] and splits["val"]):
+        die(f"no train or no val image is positive for exactly one of {classes}: check "
+            "--data-root and --classes.")
     print0("data: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items()) + f"; {classes}")
 
     # both encoders frozen: every rank embeds its share of the images once, then all hold all
@@ -172,16 +169,18 @@ def main(argv=None):
             features[name] = embed_images(model, loader, len(records), autocast, progress=True)
 
     torch.manual_seed(cfg.seed)  # the random context tokens: the same on every rank
-    learner = PromptLearner(model, classes, cfg.context_length)
+    init = cfg.init or CAPTION_PREFIX.strip()
+    learner = PromptLearner(model, classes, cfg.context_length, init)
     optimizer = torch.optim.SGD([learner.context], lr=cfg.lr, momentum=0.9)
     with torch.no_grad(), autocast:
-        handwritten = model.encode_text(class_prompts(classes))  # (C, D)
+        handwritten = model.encode_text([f"{init} {name.lower()}" for name in classes])  # (C, D)
 
     def scores(split, class_features):  # (accuracy %, cross-entropy) of zero-shot classification
         image_features, labels = features[split]
         logits = zero_shot_logits(model, image_features, class_features)
         accuracy = 100 * (logits.argmax(dim=1) == labels).float().mean().item()
-        return accuracy, F.cross_entropy(logits, labels).item()
+        weight = 1 / torch.bincount(labels, minlength=len(classes)).clamp(min=1).float()
+        return accuracy, F.cross_entropy(logits, labels, weight=weight).item()  # classes count same
 
     log_file = open(out.with_suffix(".jsonl"), "w") if rank == 0 else None
     progress = tqdm(total=cfg.max_steps, disable=rank != 0, desc="prompt")
@@ -193,6 +192,8 @@ def main(argv=None):
 
     batches = torch.Generator().manual_seed(cfg.seed)  # the same batches on every rank
     train_features, train_labels = features["train"]
+    # class-balanced batches (the paper: the classes are learned "evenly"): 1 / class size each
+    weights = (1 / torch.bincount(train_labels)[train_labels].float()).cpu()
     best, loss_sum = None, 0.0
     for step in range(cfg.max_steps + 1):
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
@@ -213,7 +214,7 @@ def main(argv=None):
         lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        index = torch.randint(len(train_labels), (cfg.batch_size,), generator=batches).to(device)
+        index = torch.multinomial(weights, cfg.batch_size, True, generator=batches).to(device)
         with autocast:
             class_features = learner.class_features(model)  # (C, D)
         logits = zero_shot_logits(model, train_features[index], class_features)  # (B, C)
@@ -226,12 +227,11 @@ def main(argv=None):
         loss_sum += loss.item()
         progress.update(1)
         if (step + 1) % cfg.log_every == 0:
-            record = {"step": step + 1, "loss": loss_sum / cfg.log_every, "lr": lr}
-            log(record, "step {step}/{n} | loss {loss:.4f} | lr {lr:.2e}".format(n=cfg.max_steps,
-                                                                                  **record))
+            loss_sum /= cfg.log_every
+            log({"step": step + 1, "loss": loss_sum, "lr": lr},
+                f"step {step + 1}/{cfg.max_steps} | loss {loss_sum:.4f} | lr {lr:.2e}")
             loss_sum = 0.0
     progress.close()
-
     with torch.no_grad():
         learner.context.copy_(best[2])
     if "test" in features:  # reported once, for the chosen context: never used to choose it

@@ -37,7 +37,8 @@ def test_caption_uses_positive_findings_in_header_order():
         == "this is a chest x ray of a patient with cardiomegaly, pleural effusion"
     )
     # only uncertain or blank labels: not a healthy study, so the bare prefix (public code)
-    assert cleft.caption_from_labels(row(Edema="-1.0")) == "this is a chest x ray of a patient with "
+    bare = "this is a chest x ray of a patient with "
+    assert cleft.caption_from_labels(row(Edema="-1.0")) == bare
     assert (
         cleft.caption_from_labels(row(No_Finding="1.0"))
         == "this is a chest x ray of a patient with no finding"

@@ -62,6 +62,11 @@ def test_accuracy_and_recall_on_hand_made_cases():
     }
 
 
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def write_rows(path, rows, columns):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -249,50 +254,65 @@ def test_rsna_uses_the_public_split_files_when_present(tmp_path):
     assert len(stems("val")) == 3  # a tenth of each class: 1 of 10 positives, 2 of 20 negatives
 
 
-def test_embed_reader(tmp_path):
+def embed_tables(root, patients):
+    """EMBED_OpenData_clinical.csv and _metadata.csv in the public column layout: one exam per
+    patient, side B (both) for odd patients, two 2D images and a C-view per patient."""
     clinical, metadata = [], []
-    for p in range(30):
-        clinical.append(
-            {
-                "empi_anon": f"e{p}",
-                "acc_anon": f"a{p}",
-                "side": "B" if p % 2 else "L",
-                "asses": "NBSMAPK"[p % 7],
-                "tissueden": str(1 + p % 5) + ".0",
-            }
-        )
+    for p in range(patients):
+        clinical.append({"empi_anon": f"e{p}", "acc_anon": f"a{p}", "side": "B" if p % 2 else "L",
+                         "asses": "NBSMAPK"[p % 7], "tissueden": str(1 + p % 5) + ".0"})
         for side in "LR":
-            metadata.append(
-                {
-                    "empi_anon": f"e{p}",
-                    "acc_anon": f"a{p}",
-                    "ImageLateralityFinal": side,
-                    "FinalImageType": "2D",
-                    "anon_dicom_path": f"/images/{p}{side}.dcm",
-                    "png_path": f"png/{p}{side}.png",
-                }
-            )
+            metadata.append({"empi_anon": f"e{p}", "acc_anon": f"a{p}",
+                             "ImageLateralityFinal": side, "FinalImageType": "2D",
+                             "anon_dicom_path": f"/images/{p}{side}.dcm",
+                             "png_path": f"png/{p}{side}.png"})
         metadata.append({**metadata[-1], "FinalImageType": "cview"})
-    write_rows(tmp_path / "EMBED_OpenData_clinical.csv", clinical, list(clinical[0]))
-    write_rows(tmp_path / "EMBED_OpenData_metadata.csv", metadata, list(metadata[0]))
-    birads = evaluate.load_data(config("--data", "embed-birads", "--data-root", str(tmp_path)))
-    everything = birads.splits["train"] + birads.splits["val"] + birads.splits["test"]
-    assert (
-        len(everything) == 45
-    )  # 15 patients with both sides (B) + 15 with the left only; C-views dropped
-    assert birads.classes == list("ANBPSMK") and birads.prompts[4].endswith(
-        "with birads score 4: suspicious abnormality"
-    )
-    assert (str(tmp_path / "png/3L.png"), birads.classes.index("M")) in everything
-    density = evaluate.load_data(config("--data", "embed-density", "--data-root", str(tmp_path)))
-    labels = [
-        c for _, c in density.splits["train"] + density.splits["val"] + density.splits["test"]
-    ]
-    assert len(labels) == 45 - 9 and set(labels) == {0, 1, 2, 3}  # density 5 excluded
-    assert (
-        density.prompts[2] == "this is a breast 2d full-field digital mammogram of a patient with "
-        "breast tissue density 3: heterogeneously dense"
-    )
+    write_rows(root / "EMBED_OpenData_clinical.csv", clinical, list(clinical[0]))
+    write_rows(root / "EMBED_OpenData_metadata.csv", metadata, list(metadata[0]))
+
+
+def test_embed_reader(tmp_path):
+    embed_tables(tmp_path, 30)
+    parts = evaluate.embed_records(tmp_path)
+    records = [r for part in parts.values() for r in part]
+    assert len(records) == 45  # 15 patients with both sides (B) + 15 with the left only; no C-view
+    assert {"image": str(tmp_path / "png/3L.png"), "patient": "e3", "birads": "M",
+            "density": "4"} in records
+    assert sum("density" in r for r in records) == 45 - 9  # density 5 (male) left out
+    assert evaluate.BIRADS["B"] == "birads score 2: benign finding"  # the public code's wording
+    assert evaluate.DENSITY["1"] == "breast tissue density 1: almost entirely fat"
+
+
+def test_embed_split_balanced_test_sets_and_export(tmp_path):
+    embed_tables(tmp_path, 10000)
+    parts = evaluate.embed_records(tmp_path)
+    patients = {name: {r["patient"] for r in part} for name, part in parts.items()}
+    assert [round(len(patients[n]) / 10000, 2) for n in ("train", "val", "rest")] == [0.7, 0.1, 0.2]
+    assert not (patients["train"] & patients["val"] or patients["rest"] & (patients["train"]
+                                                                           | patients["val"]))
+    export = tmp_path / "out" / "birads.csv"
+    for task, classes, per_class in [("birads", 7, 200), ("density", 4, 500)]:
+        data = evaluate.load_data(config("--data", f"embed-{task}", "--data-root", str(tmp_path),
+                                         "--export", str(export)))
+        test = data.splits["test"]
+        assert sorted(label for _, label in test) == sorted(list(range(classes)) * per_class)
+        test_patients = {"e" + Path(path).stem[:-1] for path, _ in test}
+        assert test_patients <= patients["rest"]  # drawn from the held-back 20% only
+        assert data.splits == evaluate.load_data(config(
+            "--data", f"embed-{task}", "--data-root", str(tmp_path))).splits  # seeded
+        rows = read_rows(export)
+        assert {r["split"] for r in rows} == {"train", "val"} and len(rows) == sum(
+            len(parts[n]) for n in ("train", "val"))
+        assert not {"e" + Path(r["image"]).stem[:-1] for r in rows} & patients["rest"]
+        assert all((export.parent / r["image"]).resolve() == (tmp_path / "png" / Path(r["image"])
+                                                              .name).resolve() for r in rows[:5])
+    # patients 3, 38, 73, ... (p % 35 == 3): BI-RADS M and density 4
+    row = next(r for r in rows if int(Path(r["image"]).stem[:-1]) % 35 == 3)
+    assert row["text"] == ("this is a breast 2d full-field digital mammogram of a patient with "
+                           "birads score 5: highly suggestive of malignancy, breast tissue "
+                           "density 4: extremely dense")
+    assert row["label"] == "breast tissue density 4: extremely dense"
+    assert any(r["label"] == "" for r in rows)  # an image without a density (5) has no label
 
 
 def test_csv_reader(tmp_path):

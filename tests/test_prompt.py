@@ -241,3 +241,36 @@ def test_stage_2_through_main_changes_only_the_context(demo_root, stage1_ckpt, t
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
     assert [p.shape for p in optimized] == [torch.Size([39, 64])]  # the context, (L, H)
+
+
+def test_stage_2_batches_are_class_balanced(demo_root, stage1_ckpt, tmp_path, monkeypatch):
+    """Each training image is drawn with weight 1 / (its class's size): every class weighs 1."""
+    drawn, real_multinomial = [], torch.multinomial
+
+    def multinomial(weights, *args, **kwargs):
+        drawn.append(weights.clone())
+        return real_multinomial(weights, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    prompt_tune.main(["--ckpt", str(stage1_ckpt), "--data-root", str(demo_root), "--max-steps",
+                      "3", "--eval-every", "3", "--num-workers", "0",
+                      "--out", str(tmp_path / "p.safetensors")])
+    weights = drawn[0]
+    assert len(drawn) == 3 and weights.max() > 1.5 * weights.min()  # the demo's classes differ
+    assert weights.sum().item() == pytest.approx(5.0)  # five classes, each of total weight 1
+
+
+def test_csv_labels_split_column_and_caption(tmp_path, capsys):
+    rows = ["image,label,split", "a.png,cat,train", "b.png,,train", "c.png,dog,val",
+            "d.png,dog,test", "e.png,dog,train"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = cleft.parse_config(["--data", "csv", "--data-root", str(tmp_path / "labels.csv")],
+                             prompt_tune.PromptConfig)
+    splits = prompt_tune.labelled_splits(cfg, ["cat", "dog"])
+    stems = {name: [(Path(path).stem, label) for path, label in splits[name]] for name in splits}
+    assert stems == {"train": [("a", 0), ("e", 1)], "val": [("c", 1)], "test": []}
+    model = tiny_model()  # a caption longer than L: the note says it is cut
+    learner = prompt_tune.PromptLearner(model, ["cat"], 10, init="a breast mammogram with")
+    assert "the context starts from the last 10 of 23 tokens" in capsys.readouterr().out
+    caption = embed(model, "a breast mammogram with")  # (23, H): one token per byte
+    torch.testing.assert_close(learner.context.detach(), caption[-10:])
