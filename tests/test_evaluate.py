@@ -87,6 +87,49 @@ def chexpert_row(patient, view="Frontal", **labels):
     return row
 
 
+def test_chexpert_path_for_a_new_user(tmp_path, capsys):
+    """`--data chexpert` as in stages 1 and 2; --per-class for a small folder; a supplied
+    chexpert_5x200.csv with rows that break the rule is used, and the dropped rows are counted."""
+    rows, patient = [], 0
+    for name in cleft.FIVE_CLASSES:
+        for i in range(30):
+            patient += 1
+            rows.append(chexpert_row(patient, **{name.replace(" ", "_"): "1.0"}))
+    write_rows(tmp_path / "train.csv", rows, cleft.CHEXPERT_COLUMNS)
+    with pytest.raises(SystemExit, match=r"lower the count per class \(--per-class\)"):
+        evaluate.load_data(config("--data", "chexpert", "--data-root", str(tmp_path),
+                                  "--build-5x200"))
+    data = evaluate.load_data(config("--data", "chexpert", "--data-root", str(tmp_path),
+                                     "--build-5x200", "--per-class", "10"))
+    assert sorted(label for _, label in data.splits["test"]) == sorted(list(range(5)) * 10)
+    supplied = read_rows(tmp_path / "chexpert_5x200.csv")
+    supplied[0]["Atelectasis"], supplied[1]["Fracture"] = "-1.0", "1.0"  # break the rule twice
+    write_rows(tmp_path / "chexpert_5x200.csv", supplied, cleft.CHEXPERT_COLUMNS)
+    capsys.readouterr()
+    data = evaluate.load_data(config("--data", "chexpert", "--data-root", str(tmp_path)))
+    assert len(data.splits["test"]) == 48
+    assert "note: 2 rows of chexpert_5x200.csv break the 5x200 rule" in capsys.readouterr().out
+
+
+def test_probe_schedule_warms_up_then_decays_and_spares_biases(monkeypatch):
+    """Linear probe / fine-tune: stage 1's warm-up (a tenth of the steps) and cosine, AdamW with
+    no weight decay on biases."""
+    cfg, head, seen, lrs = config("--max-steps", "50"), torch.nn.Linear(4, 2), [], []
+    real = evaluate.make_optimizer
+    monkeypatch.setattr(evaluate, "make_optimizer", lambda *a, **k: seen.append(real(*a, **k))
+                        or seen[-1])
+
+    def batch_loss(step):
+        lrs.append(seen[0].param_groups[0]["lr"])
+        return head(torch.ones(1, 4)).sum()
+
+    evaluate.fit(head, batch_loss, lambda: 0.0, cfg, "test")
+    assert lrs == pytest.approx([cleft.get_lr(step, 5e-4, 5, 50) for step in range(50)])
+    assert max(lrs) == pytest.approx(5e-4) and lrs.index(max(lrs)) == 4 and lrs[-1] < 1e-6
+    decayed, plain = (group["params"] for group in seen[0].param_groups)
+    assert decayed == [head.weight] and plain == [head.bias]
+
+
 def test_build_5x200_writes_the_rule_and_excludes_its_patients(tmp_path):
     rows, patient = [], 0
     for name in cleft.FIVE_CLASSES:
