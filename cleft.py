@@ -54,7 +54,7 @@ class Config:
     data: str = arg("demo", "dataset", ["demo", "chexpert", "csv"])
     data_root: str = arg("", "CheXpert folder, the pairs CSV, or where the demo goes (data/demo)")
     image_size: int = arg(224, "square input side in pixels (paper: 224)")
-    augment: str = arg("cleft", "cleft: zoom, rotate, shift; clip: centre crop", ["cleft", "clip"])
+    augment: str = arg("cleft", "cleft: zoom, rotate, shift; clip: none", ["cleft", "clip"])
     hflip: bool = arg(False, "random horizontal flips (off: laterality matters in chest X-rays)")
     max_length: int = arg(64, "caption tokens kept, EOS included (public code: 64)")
     num_workers: int = arg(-1, "loader processes per rank (-1: the node's cores over its ranks)")
@@ -211,8 +211,7 @@ def read_csv(path, columns):
         die(f"{path} does not exist: check --data-root.")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
+        if missing := [c for c in columns if c not in (reader.fieldnames or [])]:
             die(f"{path} lacks the column(s) {missing}: point --data-root at a file with the "
                 "expected header (see README).")
         return list(reader)
@@ -262,18 +261,19 @@ def load_splits(cfg, val_fraction=0.05):
             "test": [(r["image"], five_class_index(r)) for r in splits["test"]]}
 
 def load_image(path, size, rng=None, hflip=False, affine=True, cache=""):
-    """An X-ray as a (1, size, size) tensor in [0, 1], shorter side scaled to `size`, rest cropped.
-    rng=None: the evaluation view; an rng: jitter and (affine) a mild zoom, rotation and shift."""
+    """A (1, size, size) tensor in [0, 1]: the X-ray padded with black to a square (the whole chest
+    in view), scaled. rng=None: the evaluation view; else jitter and (affine) zoom/rotate/shift."""
     image = read_xray(path, size, cache)  # grayscale, decoded at reduced size (image_io.py)
+    square = Image.new("L", (max(image.size),) * 2)  # black
+    square.paste(image, ((square.width - image.width) // 2, (square.height - image.height) // 2))
     affine = affine and rng is not None
-    scale = size * (rng.uniform(1.0, 1.15) if affine else 1.0) / min(image.size)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    side = round(size * (rng.uniform(1.0, 1.15) if affine else 1.0))  # the zoomed square
+    image = square.resize((side, side), Image.Resampling.BILINEAR)
     if affine:
         image = image.rotate(rng.uniform(-10, 10), Image.Resampling.BILINEAR)
-        left, top = rng.integers(0, width - size + 1), rng.integers(0, height - size + 1)
+        left, top = rng.integers(0, side - size + 1, size=2)
     else:
-        left, top = (width - size) // 2, (height - size) // 2
+        left = top = (side - size) // 2
     pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255
     if rng:
         mean = pixels.mean()

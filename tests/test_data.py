@@ -156,26 +156,41 @@ def test_pairs_csv(tmp_path):
         )
 
 
-def test_load_image_keeps_aspect_and_is_deterministic_for_eval(tmp_path):
-    # left half black, right half white, on a wide image: a centre crop keeps the boundary in the
-    # middle
-    pixels = np.zeros((300, 600), np.uint8)
-    pixels[:, 300:] = 255
-    Image.fromarray(pixels).save(tmp_path / "wide.png")
-    image = cleft.load_image(tmp_path / "wide.png", 64)
-    assert image.shape == (1, 64, 64)
-    gray = image[0]
-    assert (
-        gray[:, :30].max() < 0.05 and gray[:, 34:].min() > 0.95
-    )  # not squashed: one edge, in the centre
-    torch.testing.assert_close(image, cleft.load_image(tmp_path / "wide.png", 64))
-    augmented = [
-        cleft.load_image(tmp_path / "wide.png", 64, np.random.default_rng(s)) for s in (1, 2)
-    ]
-    assert not torch.equal(augmented[0], augmented[1])
+def framed(height, width):
+    """A mid-gray image with a white frame 40 pixels wide: its borders are easy to find."""
+    pixels = np.full((height, width), 128, np.uint8)
+    pixels[:40], pixels[-40:], pixels[:, :40], pixels[:, -40:] = 255, 255, 255, 255
+    return pixels
+
+
+@pytest.mark.parametrize("height, width", [(600, 300), (300, 600)])  # tall, wide
+def test_the_evaluation_view_keeps_the_whole_image(tmp_path, height, width):
+    """Padded to a square, not cropped: every edge of the image is in view, the padding is black
+    and where it should be (on the short side, evenly), and the view is deterministic."""
+    Image.fromarray(framed(height, width)).save(tmp_path / "x.png")
+    view = cleft.load_image(tmp_path / "x.png", 64)[0]  # (64, 64)
+    assert view.shape == (64, 64)
+    content = view if height > width else view.T  # the long side down the rows
+    assert (content[:, :15] == 0).all() and (content[:, 49:] == 0).all()  # padding, both sides
+    inside = content[:, 16:48]
+    assert (inside > 0.3).all()  # all of the image: nothing cut off
+    for edge in (inside[1], inside[-2], inside[:, 1], inside[:, -2]):  # its white frame, in view
+        assert edge.mean() > 0.9
+    assert inside[6:-6, 6:-6].max() < 0.55  # and the gray inside it
+    torch.testing.assert_close(view, cleft.load_image(tmp_path / "x.png", 64)[0])
+
+
+def test_training_views_stay_inside_the_padded_square(tmp_path):
+    """Zoom >= 1, a shift within the zoomed square and a rotation of at most 10 degrees: a white
+    square image shows no more dark area than rotated corners (far below the 25% a shift out of
+    the square by a quarter of its side would show), and views are seeded."""
+    Image.fromarray(np.full((200, 200), 255, np.uint8)).save(tmp_path / "white.png")
+    views = [cleft.load_image(tmp_path / "white.png", 64, np.random.default_rng(s))[0]
+             for s in range(20)]
+    assert max((view < 0.5).float().mean().item() for view in views) < 0.12
+    assert not torch.equal(views[0], views[1])
     torch.testing.assert_close(
-        augmented[0], cleft.load_image(tmp_path / "wide.png", 64, np.random.default_rng(1))
-    )
+        views[1], cleft.load_image(tmp_path / "white.png", 64, np.random.default_rng(1))[0])
 
 
 def test_large_jpeg_is_decoded_reduced(tmp_path):

@@ -154,8 +154,10 @@ def test_clip_augmentation_is_a_centre_crop(tmp_path):
         view = cleft.load_image(
             tmp_path / "wide.png", 64, np.random.default_rng(seed), affine=False
         )
-        edge = (view[0] > view[0].mean()).float().argmax(dim=1)  # first bright column of each row
+        rows = view[0][16:48]  # the image; rows 0-15 and 48-63 are the padding to a square
+        edge = (rows > 0.5).float().argmax(dim=1)  # first bright column of each row
         assert (edge == 32).all()  # no shift, zoom or rotation: the boundary stays in the centre
+        assert view[0][:16].abs().max() < 0.4 and view[0][48:].abs().max() < 0.4  # padding
 
 
 def grads_of(model):
