@@ -97,8 +97,7 @@ class Config:
             die("--freeze-lm and --full-ft-lm contradict each other: pass one of them.")
         self.peft = "none" if self.freeze_lm or self.full_ft_lm else self.peft
 
-# --preset NAME sets these defaults. Med-CLIP-ViT-L: ViT-L/14 and BERT-base ([CLS], 77 tokens),
-# both trained; AdamW 5e-5, weight decay 0.1, 2,000 warm-up steps; batch 4,096; crops, flips
+# --preset NAME sets these defaults. Med-CLIP-ViT-L: ViT-L/14 and BERT-base ([CLS]), both trained
 PRESETS = {"medclip-vit-l": dict(
     text_model="bert-base-uncased", vision_model="facebook/dinov2-large", peft="none",
     full_ft_lm=True, max_length=77, lr=5e-5, weight_decay=0.1, warmup_steps=2000,
@@ -164,8 +163,7 @@ class GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # every rank computed a loss that reads these rows
-        rank, world_size = world()
-        return grad.chunk(world_size)[rank]  # the rows this rank contributed
+        return grad.chunk(world()[1])[world()[0]]  # the rows this rank contributed
 
 def all_gather_rows(x):  # x from every rank in rank order (all ranks call this)
     return GatherWithGrad.apply(x) if world()[1] > 1 else x
@@ -317,8 +315,7 @@ class TrainBatches(Sampler):
         self.steps_per_epoch = n // batch_size
 
     def __iter__(self):
-        rank, world_size = world()
-        per_rank = self.batch_size // world_size
+        rank, per_rank = world()[0], self.batch_size // world()[1]
         for step in range(self.start_step, sys.maxsize):
             epoch = step // self.steps_per_epoch
             if step == self.start_step or step % self.steps_per_epoch == 0:
@@ -330,9 +327,8 @@ class TrainBatches(Sampler):
 def eval_batches(n, batch_size, pad):
     """This rank's share of fixed-order global batches over n items; the last one padded (pad)
     with repeats that callers trim, or dropped (a contrastive loss needs full batches)."""
-    rank, world_size = world()
+    rank, per_rank = world()[0], batch_size // world()[1]
     indices = list(range(n)) + [n - 1] * (-n % batch_size) if pad else range(n - n % batch_size)
-    per_rank = batch_size // world_size
     return [[(i, None) for i in indices[start + rank * per_rank:start + (rank + 1) * per_rank]]
             for start in range(0, len(indices), batch_size)]
 
@@ -340,7 +336,6 @@ def make_loader(dataset, batches, num_workers, device, persistent=False):
     if num_workers < 0:  # the node's cores shared among its ranks, one left for each rank
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         num_workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
-    # its own generator: starting a loader leaves the global RNG alone
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                       pin_memory=device.type == "cuda", generator=torch.Generator(),
                       persistent_workers=persistent and num_workers > 0)
@@ -541,6 +536,13 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return max_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
+def frozen_to_bf16(model):
+    """Frozen matmul weights (GPT-2's Conv1D) in bf16, as bf16 autocast uses them: half the size."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False) if type(module).__name__ == "Conv1D" else []:
+            p.data = p.data if p.requires_grad else p.data.bfloat16()
+    return model
+
 def make_optimizer(model, lr, weight_decay, fused=False):
     """AdamW; weight decay on matrices only: not on biases, norms, IA3 vectors or the scale."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -592,8 +594,7 @@ def load_model(directory, cfg=None):
     return model
 
 def resume_state(cfg):
-    """state.pt of OUT/last/ when resuming (--resume, or a run of the same config is there, so a
-    restarted job picks up by itself), else None. weights_only=True: no pickled code can run."""
+    """state.pt of OUT/last/, to the CPU, if resuming (--resume, or this config's run is there)."""
     last = Path(cfg.out_dir) / "last"
     found = [d for d in (last, Path(f"{last}.old")) if (d / "model.safetensors").exists()]
     if not (cfg.resume or found):
@@ -606,7 +607,7 @@ def resume_state(cfg):
         die(f"{cfg.out_dir} holds a run with a different config ({', '.join(changed[:5])}): pass "
             "--resume to continue it with these flags, or choose another --out-dir.")
     try:
-        return torch.load(checkpoint_dir(last) / "state.pt", weights_only=True)
+        return torch.load(checkpoint_dir(last) / "state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         die(f"{last}/state.pt holds more than tensors and numbers, so it was refused unread "
             f"({str(error).splitlines()[0][:80]}): resume only from checkpoints of cleft.py.")
@@ -631,8 +632,7 @@ def validate(model, val_loader, test_loader, autocast):
         with autocast:
             image_features, text_features, _ = model(images.to(model.logit_scale.device), captions)
         losses.append(contrastive_loss(image_features, text_features, model.logit_scale))
-    loss = all_gather_rows(torch.stack(losses).mean()[None]).mean()  # all ranks agree on best/
-    record = {"val_loss": loss.item()}
+    record = {"val_loss": all_gather_rows(torch.stack(losses).mean()[None]).mean().item()}
     if n := len(test_loader.dataset):  # the five classes of CheXpert-5x200
         with autocast:
             class_features = model.encode_text(class_prompts(FIVE_CLASSES))  # (C, D)
@@ -669,12 +669,12 @@ def main(argv=None):
     start_step, best_val_loss = (state["step"], state["best_val_loss"]) if state else (0, math.inf)
     train_loader, val_loader, test_loader = make_loaders(splits, cfg, device, world_size,
                                                          start_step)
-    # model and optimizer, from OUT/last/ on resume (the same seed on every rank: same weights)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the model, from OUT/last/ on resume: the same on every rank
     model = (load_model(out_dir / "last", cfg) if state else CLEFT(cfg)).to(device)
+    model = frozen_to_bf16(model) if dtype == "bf16" else model
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, fused=device.type == "cuda")
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
+    if state:  # the optimizer's tensors are copied to its parameters' device, the CPU copy freed
+        optimizer.load_state_dict(state.pop("optimizer"))
         print0(f"resumed from {out_dir / 'last'} at step {start_step}")
     print0(f"trained parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     device_ids = None if device.type == "cpu" else [device.index]  # DDP trains, the model is saved

@@ -238,3 +238,32 @@ def test_short_demo_run_with_accumulation(demo_root, tmp_path):
     with pytest.raises(SystemExit, match="must divide by --accum-steps 3"):
         cleft.main(["--data-root", str(demo_root), "--batch-size", "8", "--accum-steps", "3",
                     "--out-dir", str(tmp_path / "other")])
+
+
+@pytest.mark.parametrize("peft", ["lora", "ia3", "prefix"])
+def test_frozen_weights_in_bf16_are_exact_under_bf16_autocast(peft):
+    """Under bf16 autocast the frozen LM's matmul weights are cast to bf16 at every use, so storing
+    them in bf16 gives the same loss and the same gradient for every trained tensor."""
+    images, captions = global_batch()
+    results = []
+    for cast in (False, True):
+        model = tiny_model(peft=peft)
+        with torch.no_grad():  # adapters away from their identity start, so they matter
+            for p in model.text_tower.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        if cast:
+            cleft.frozen_to_bf16(model)
+        loss = cleft.train_step(model, images, captions, torch.autocast("cpu", torch.bfloat16))
+        results.append((loss, grads_of(model), model))
+    (loss32, grads32, _), (loss16, grads16, model) = results
+    assert torch.equal(loss32, loss16) and grads32.keys() == grads16.keys()
+    assert all(torch.equal(grads32[name], grads16[name]) for name in grads32)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    frozen = [n for n in dtypes if n.endswith(("c_attn.weight", "c_attn.base_layer.weight",
+                                              "mlp.c_fc.weight", "mlp.c_proj.weight",
+                                              "mlp.c_proj.base_layer.weight"))]
+    assert len(frozen) == 2 * 3 and all(dtypes[n] == torch.bfloat16 for n in frozen)
+    assert all(dtypes[n] == torch.float32 for n in grads16)  # everything trained stays fp32
+    embeddings = [n for n in dtypes if n.endswith(("wte.weight", "wpe.weight"))]
+    assert len(embeddings) == 2 and all(dtypes[n] == torch.float32 for n in embeddings)
