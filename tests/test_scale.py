@@ -1,6 +1,7 @@
 """Paper-scale fidelity: the --dry-run parameter report on the meta device, the medclip-vit-l
 preset, and exact large-batch gradients with --accum-steps (gradient cache)."""
 
+import os
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -267,3 +268,16 @@ def test_frozen_weights_in_bf16_are_exact_under_bf16_autocast(peft):
     assert all(dtypes[n] == torch.float32 for n in grads16)  # everything trained stays fp32
     embeddings = [n for n in dtypes if n.endswith(("wte.weight", "wpe.weight"))]
     assert len(embeddings) == 2 and all(dtypes[n] == torch.float32 for n in embeddings)
+
+
+def test_dry_run_never_asks_the_hub():
+    """The models a dry run builds (the default, the preset and the comparisons) are stored
+    architectures: with the hub unreachable and HF_HUB_OFFLINE unset it still succeeds, without a
+    single request (each would retry and print 'Retrying' for about 30 s)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
+    for flags in ([], ["--preset", "medclip-vit-l"]):
+        result = subprocess.run([sys.executable, str(ROOT / "cleft.py"), "--dry-run", *flags],
+                                env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "| **total** |" in result.stdout and "Retrying" not in result.stderr
