@@ -486,6 +486,13 @@ class CLEFT(nn.Module):
     def forward(self, images, captions):  # the scale too: DDP sees every trained tensor used
         return self.encode_image(images), self.encode_text(captions), self.logit_scale
 
+def frozen_to_bf16(model):
+    """Frozen matmul weights (GPT-2's Conv1D) in bf16, as bf16 autocast uses them: half the size."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False) if type(module).__name__ == "Conv1D" else []:
+            p.data = p.data if p.requires_grad else p.data.bfloat16()
+    return model
+
 # --- Loss: symmetric InfoNCE over the global batch (paper Eq. 1)
 def contrastive_loss(image_features, text_features, logit_scale, ids=None):
     """Paper Eq. 1 for this rank's rows against the whole global batch, in fp32.
@@ -535,13 +542,6 @@ def get_lr(step, max_lr, warmup_steps, max_steps):
     # 2) then cosine decay to 0 at max_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return max_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-def frozen_to_bf16(model):
-    """Frozen matmul weights (GPT-2's Conv1D) in bf16, as bf16 autocast uses them: half the size."""
-    for module in model.modules():
-        for p in module.parameters(recurse=False) if type(module).__name__ == "Conv1D" else []:
-            p.data = p.data if p.requires_grad else p.data.bfloat16()
-    return model
 
 def make_optimizer(model, lr, weight_decay, fused=False):
     """AdamW; weight decay on matrices only: not on biases, norms, IA3 vectors or the scale."""
