@@ -23,6 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "8", "--num-workers", "0", "--log-every", "1"]
 
 
+def train(data_root, out_dir, *flags):
+    """cleft.py in this process, with the fast settings."""
+    cleft.main(["--data-root", str(data_root), "--out-dir", str(out_dir), *map(str, flags), *FAST])
+
+
+def run(data_root, out_dir, *flags):
+    """cleft.py in a fresh process, with the fast settings."""
+    command = [sys.executable, str(ROOT / "cleft.py"), "--data-root", str(data_root), "--out-dir",
+               str(out_dir), *map(str, flags), *FAST]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+
+
 def start(args, torchrun=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
     launcher = (
@@ -142,51 +154,15 @@ def test_sigkill_then_resume_under_torchrun(demo_root, tmp_path):
 
 
 def test_a_different_config_is_never_resumed_silently(demo_root, tmp_path):
-    cleft.main(
-        [
-            "--data-root",
-            str(demo_root),
-            "--out-dir",
-            str(tmp_path),
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "2",
-            *FAST,
-        ]
-    )
+    train(demo_root, tmp_path, "--max-steps", 2, "--eval-every", 2)
     with pytest.raises(
         SystemExit, match=r"holds a run with a different config \(lr\): pass --resume"
     ):
-        cleft.main(
-            [
-                "--data-root",
-                str(demo_root),
-                "--out-dir",
-                str(tmp_path),
-                "--max-steps",
-                "2",
-                "--lr",
-                "1e-3",
-                *FAST,
-            ]
-        )
+        train(demo_root, tmp_path, "--max-steps", 2, "--lr", "1e-3")
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path, monkeypatch):
-    cleft.main(
-        [
-            "--data-root",
-            str(demo_root),
-            "--out-dir",
-            str(tmp_path),
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "2",
-            *FAST,
-        ]
-    )
+    train(demo_root, tmp_path, "--max-steps", 2, "--eval-every", 2)
     before = load_file(tmp_path / "last" / "model.safetensors")
     model = cleft.load_model(tmp_path / "last")
     optimizer = cleft.make_optimizer(model, lr=1e-3, weight_decay=0.2)
@@ -228,25 +204,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path
     assert not (tmp_path / "last").exists()
     state = torch.load(cleft.checkpoint_dir(tmp_path / "last") / "state.pt", weights_only=True)
     assert state["step"] == 2  # found in last.old
-    stdout = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "cleft.py"),
-            "--data-root",
-            str(demo_root),
-            "--out-dir",
-            str(tmp_path),
-            "--max-steps",
-            "4",
-            "--eval-every",
-            "2",
-            "--resume",
-            *FAST,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    ).stdout
+    stdout = run(demo_root, tmp_path, "--max-steps", 4, "--eval-every", 2, "--resume").stdout
     assert "at step 2" in stdout and (tmp_path / "last" / "model.safetensors").exists()
     assert not (tmp_path / "last.old").exists() and not (tmp_path / "last.tmp").exists()
 
@@ -254,19 +212,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path
 def test_best_is_never_replaced_by_a_worse_or_nan_run(demo_root, tmp_path, monkeypatch):
     val_losses = iter([2.0, 1.0, 3.0, float("nan")])
     monkeypatch.setattr(cleft, "validate", lambda *args: {"val_loss": next(val_losses)})
-    cleft.main(
-        [
-            "--data-root",
-            str(demo_root),
-            "--out-dir",
-            str(tmp_path),
-            "--max-steps",
-            "6",
-            "--eval-every",
-            "2",
-            *FAST,
-        ]
-    )
+    train(demo_root, tmp_path, "--max-steps", 6, "--eval-every", 2)
     best, last = (
         torch.load(tmp_path / d / "state.pt", weights_only=True) for d in ("best", "last")
     )
@@ -290,24 +236,7 @@ def damaged_demo(demo_root, tmp_path):
 
 def test_unreadable_images_are_skipped_counted_and_reported(damaged_demo, tmp_path):
     root, truncated, missing = damaged_demo
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "cleft.py"),
-            "--data-root",
-            str(root),
-            "--out-dir",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "2",
-            *FAST,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = run(root, tmp_path / "run", "--max-steps", 2, "--eval-every", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
         result.stderr.count(f"warning: skipping unreadable image {truncated}") == 1
@@ -320,25 +249,7 @@ def test_unreadable_images_are_skipped_counted_and_reported(damaged_demo, tmp_pa
 
 def test_strict_data_stops_at_the_first_unreadable_image(damaged_demo, tmp_path):
     root, truncated, missing = damaged_demo
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "cleft.py"),
-            "--data-root",
-            str(root),
-            "--out-dir",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "2",
-            "--strict-data",
-            *FAST,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = run(root, tmp_path / "run", "--max-steps", 2, "--eval-every", 2, "--strict-data")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert error == [
@@ -364,19 +275,7 @@ def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
 ):
     nan_at_step(3, monkeypatch)
     with pytest.raises(SystemExit, match="the loss became nan at step 3; no update was made"):
-        cleft.main(
-            [
-                "--data-root",
-                str(demo_root),
-                "--out-dir",
-                str(tmp_path),
-                "--max-steps",
-                "6",
-                "--eval-every",
-                "2",
-                *FAST,
-            ]
-        )
+        train(demo_root, tmp_path, "--max-steps", 6, "--eval-every", 2)
     assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 2
     assert all(
         torch.isfinite(v).all() for v in load_file(tmp_path / "last" / "model.safetensors").values()
@@ -401,19 +300,7 @@ def test_clear_errors_for_empty_splits_and_uneven_batches(tmp_path, demo_root, m
 
 
 def test_checkpoints_never_run_pickled_code(demo_root, tmp_path):
-    cleft.main(
-        [
-            "--data-root",
-            str(demo_root),
-            "--out-dir",
-            str(tmp_path),
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "2",
-            *FAST,
-        ]
-    )
+    train(demo_root, tmp_path, "--max-steps", 2, "--eval-every", 2)
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -421,23 +308,7 @@ def test_checkpoints_never_run_pickled_code(demo_root, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"step": 2, "payload": Payload()}, tmp_path / "last" / "state.pt")
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "cleft.py"),
-            "--data-root",
-            str(demo_root),
-            "--out-dir",
-            str(tmp_path),
-            "--max-steps",
-            "4",
-            "--resume",
-            *FAST,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = run(demo_root, tmp_path, "--max-steps", 4, "--resume")
     assert (
         result.returncode != 0
         and "was refused unread" in result.stderr
@@ -457,12 +328,11 @@ def test_no_token_and_no_remote_code_in_the_sources():
 
 def test_the_logit_scale_never_exceeds_100(demo_root, tmp_path):
     """CLIP's clamp: after every step the scale is at most 100, even from a checkpoint above it."""
-    args = ["--data-root", str(demo_root), "--out-dir", str(tmp_path), "--eval-every", "2", *FAST]
-    cleft.main([*args, "--max-steps", "2"])
+    train(demo_root, tmp_path, "--eval-every", 2, "--max-steps", 2)
     weights = load_file(tmp_path / "last" / "model.safetensors")
     weights["logit_scale"] = torch.tensor(math.log(1000.0))
     save_file(weights, tmp_path / "last" / "model.safetensors")
-    cleft.main([*args, "--max-steps", "4", "--resume"])  # from step 2, with the scale at 1000
+    train(demo_root, tmp_path, "--eval-every", 2, "--max-steps", 4, "--resume")  # scale: 1000
     logged = [r["logit_scale"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())
               if r["step"] > 2 and "logit_scale" in r]
     assert len(logged) == 2 and all(scale <= 100 + 1e-3 for scale in logged)
