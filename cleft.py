@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,7 +43,11 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from grad_cache import gradient_cache_step
-from image_io import read_xray
+from checkpoints import saved_folder, save_checkpoint, start_metrics, trained_weights
+from image_io import UNREADABLE, read_xray, report_unreadable
+
+# peft 0.21 uses two arguments that transformers deprecates: hidden, as they are not ours to change
+warnings.filterwarnings("ignore", "`(is_gradient_checkpointing|past_key_values)` is deprecated")
 
 # --- Config: one dataclass; every field is a command-line flag, `help` is its documentation
 def arg(default, help, choices=None):
@@ -60,6 +65,7 @@ class Config:
     num_workers: int = arg(-1, "loader processes per rank (-1: the node's cores over its ranks)")
     image_cache: str = arg("", "folder for a small decoded copy of each image (same results)")
     strict_data: bool = arg(False, "stop at the first unreadable image instead of skipping it")
+    val_fraction: float = arg(0.05, "patients held out for validation (csv without a split column)")
     # model
     preset: str = arg("", "a named set of defaults (explicit flags win)", ["", "medclip-vit-l"])
     text_model: str = arg("stanford-crfm/BioMedLM", "hub id, local directory, tiny or tiny-bert")
@@ -90,7 +96,6 @@ class Config:
     log_every: int = arg(50, "one log line every N steps")
     out_dir: str = arg("runs/cleft", "where last/, best/ and metrics.jsonl go")
     resume: bool = arg(False, "continue OUT/last/ even if its config differs")
-    dry_run: bool = arg(False, "print the model's parameter table and exit (offline, seconds)")
 
     def __post_init__(self):  # the two ablations replace the adapter
         if self.freeze_lm and self.full_ft_lm:
@@ -116,14 +121,22 @@ def parse_config(argv=None, config_class=Config, description=__doc__):
                                 help=f"{help} (default: {f.default})")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     defaults = PRESETS.get(given.get("preset"), {})
-    if given.get("data", config_class.data) == "demo" and not given.get("dry_run"):
+    if given.get("data", config_class.data) == "demo":
         import demo  # smaller data and tiny models, so the demo runs in minutes on a CPU
         defaults = {**defaults, **demo.DEFAULTS[config_class.__name__],
                     **demo.PRESET_DEFAULTS.get(given.get("preset"), {})}
     return config_class(**{**defaults, **given})
 
-def die(message):  # a mistake the user can fix: one clear sentence, no traceback
-    raise SystemExit(f"error: {message}")
+def changed_fields(cfg):  # the fields that differ from the dataclass's defaults
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+
+def die(message, this_rank_only=False):
+    """A mistake the user can fix: one clear sentence, no traceback, exit code 1 on every rank.
+    Under torchrun rank 0 alone prints it, unless this rank alone met the problem."""
+    if dist.is_initialized():  # released first: gloo can abort at exit while it is alive
+        dist.destroy_process_group()
+    raise SystemExit(f"error: {message}" if this_rank_only or os.environ.get("RANK", "0") == "0"
+                     else 1)
 
 # --- Distributed setup: torchrun sets RANK; plain `python cleft.py` is a world of one
 def setup_distributed():  # (rank, world_size, device): nccl on CUDA, gloo on CPU
@@ -145,9 +158,19 @@ def autocast_for(dtype, device):
 def world():  # (rank, world_size) of this process
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-def print0(*args, **kwargs):
+def print0(*args, file=None):  # rank 0 prints, above the progress bar, at once (logs are piped)
     if world()[0] == 0:
-        print(*args, **kwargs, flush=True)
+        tqdm.write(" ".join(map(str, args)), file=file)
+        (file or sys.stdout).flush()
+
+def log(path, record, line):  # rank 0: one JSON line appended to `path`, one line on screen
+    if world()[0] == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print0(line)
+
+def to_device(tensor, device):  # a host tensor, copied with no wait: the host runs ahead of the GPU
+    return (tensor.pin_memory() if device.type == "cuda" else tensor).to(device, non_blocking=True)
 
 class GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 whose backward sums the gradient of every rank's copy and hands each
@@ -179,7 +202,6 @@ FIVE_CLASSES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleura
 MUST_BE_ABSENT = ["Enlarged Cardiomediastinum", "Lung Lesion", "Lung Opacity", "Pneumonia",
                   "Pneumothorax", "Pleural Other", "Fracture", "Support Devices"]
 CAPTION_PREFIX = "this is a chest x ray of a patient with "
-SPLIT_SEED = 0  # the validation split stays fixed when --seed changes: runs stay comparable
 
 def caption_from_labels(row):
     """Positive findings (1.0 only: uncertain -1 and blank are absent) in header order: 'no finding'
@@ -215,9 +237,9 @@ def read_csv(path, columns):
         return list(reader)
 
 def split_by_patient(rows, fraction, key=lambda row: patient_id(row["Path"])):
-    """(train, val): `fraction` of the patients, drawn with SPLIT_SEED, go to val."""
+    """(train, val): `fraction` of the patients, drawn with seed 0, go to val."""
     patients = sorted({key(row) for row in rows})
-    random.Random(SPLIT_SEED).shuffle(patients)
+    random.Random(0).shuffle(patients)  # not --seed: runs with other seeds validate alike
     val = set(patients[:max(1, round(fraction * len(patients)))])
     return [r for r in rows if key(r) not in val], [r for r in rows if key(r) in val]
 
@@ -238,7 +260,7 @@ def chexpert_rows(root, val_fraction=0.05):
         row["image"] = str(root.joinpath(*Path(row["Path"]).parts[1:]))
     return {"train": train, "val": val, "test": test}
 
-def load_splits(cfg, val_fraction=0.05):
+def load_splits(cfg):
     """{'train': [(path, caption)], 'val': [(path, caption)], 'test': [(path, class index)]}."""
     if cfg.data == "demo":  # written once, in CheXpert's layout
         import demo
@@ -248,12 +270,12 @@ def load_splits(cfg, val_fraction=0.05):
             die("--data csv needs --data-root: the CSV file with image and text columns.")
         rows, folder = read_csv(cfg.data_root, ["image", "text"]), Path(cfg.data_root).parent
         if "split" not in rows[0]:  # a split column (train/val; other rows unused) is kept as is
-            for row in split_by_patient(rows, val_fraction, key=lambda row: row["image"])[1]:
+            for row in split_by_patient(rows, cfg.val_fraction, key=lambda r: r["image"])[1]:
                 row["split"] = "val"
         pairs = lambda name: [(str(folder / r["image"]), r["text"]) for r in rows
                               if r.get("split", "train") == name]
         return {"train": pairs("train"), "val": pairs("val"), "test": []}
-    splits = chexpert_rows(cfg.data_root, val_fraction)
+    splits = chexpert_rows(cfg.data_root, cfg.val_fraction)
     return {"train": [(r["image"], caption_from_labels(r)) for r in splits["train"]],
             "val": [(r["image"], caption_from_labels(r)) for r in splits["val"]],
             "test": [(r["image"], five_class_index(r)) for r in splits["test"]]}
@@ -281,29 +303,26 @@ def load_image(path, size, rng=None, hflip=False, affine=True, cache=""):
     return torch.from_numpy(np.ascontiguousarray(pixels))[None]  # (1, S, S)
 
 class XrayDataset(Dataset):
-    """(path, target) records; item (index, augmentation seed or None) -> (image, target,
-    the unreadable image this one stands in for, or '')."""
+    """(path, target) records; item (index, augmentation seed or None) -> (image, target, 'path
+    (error)' lines of the unreadable images it stands in for: the caller reports them, once)."""
 
     def __init__(self, records, image_size, hflip=False, affine=True, cache=""):
         self.records, self.image_size, self.cache = records, image_size, cache
-        self.hflip, self.affine, self.reported = hflip, affine, set()
+        self.hflip, self.affine = hflip, affine
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, item):
         index, aug_seed = item
-        rng, skipped = np.random.default_rng(aug_seed) if aug_seed else None, ""
+        rng, unreadable = np.random.default_rng(aug_seed) if aug_seed else None, []
         for offset in range(len(self)):  # unreadable: the next stands in, batches stay full
             path, target = self.records[(index + offset) % len(self)]
             try:
                 image = load_image(path, self.image_size, rng, self.hflip, self.affine, self.cache)
-                return image, target, skipped
+                return image, target, "\n".join(unreadable)
             except (OSError, ValueError) as error:  # missing, truncated or corrupt
-                skipped = skipped or path
-                if path not in self.reported:
-                    self.reported.add(path)
-                    print(f"warning: skipping unreadable image {path} ({error})", file=sys.stderr)
+                unreadable.append(f"{path} ({error})")
         raise RuntimeError(f"none of the {len(self)} images can be read: check --data-root.")
 
 class TrainBatches(Sampler):
@@ -324,11 +343,11 @@ class TrainBatches(Sampler):
             start = (step % self.steps_per_epoch) * self.batch_size + rank * per_rank
             yield [(i, (self.seed, epoch, i)) for i in order[start:start + per_rank]]
 
-def eval_batches(n, batch_size, pad):
-    """This rank's share of fixed-order global batches over n items; the last one padded (pad)
-    with repeats that callers trim, or dropped (a contrastive loss needs full batches)."""
+def eval_batches(n, batch_size):
+    """This rank's share of fixed-order global batches over n items, the last one padded with
+    repeats of item n - 1 that callers trim (every rank gathers batches of the same size)."""
     rank, per_rank = world()[0], batch_size // world()[1]
-    indices = list(range(n)) + [n - 1] * (-n % batch_size) if pad else range(n - n % batch_size)
+    indices = list(range(n)) + [n - 1] * (-n % batch_size)
     return [[(i, None) for i in indices[start + rank * per_rank:start + (rank + 1) * per_rank]]
             for start in range(0, len(indices), batch_size)]
 
@@ -342,23 +361,21 @@ def make_loader(dataset, batches, num_workers, device, persistent=False):
 
 def make_loaders(splits, cfg, device, world_size, start_step=0):
     """Stage 1's (endless train iterator, val loader, test loader), after checking the batch."""
-    if cfg.batch_size % world_size:
+    if cfg.batch_size % world_size or (cfg.batch_size // world_size) % cfg.accum_steps:
         die(f"--batch-size {cfg.batch_size} is the global batch and must divide by the "
-            f"{world_size} processes: change one.")
-    if (cfg.batch_size // world_size) % cfg.accum_steps:
-        die(f"each process's batch ({cfg.batch_size // world_size}) must divide by --accum-steps "
+            f"{world_size} processes, and each one's share must divide by --accum-steps "
             f"{cfg.accum_steps}: change one.")
-    for name in ("train", "val"):
-        if len(splits[name]) < cfg.batch_size:
-            die(f"the {name} split has {len(splits[name])} images after filtering, fewer than one "
-                f"global batch ({cfg.batch_size}): lower --batch-size or check --data-root.")
+    if len(splits["train"]) < cfg.batch_size or not splits["val"]:  # any val size >= 1 is scored
+        die(f"{len(splits['train'])} train and {len(splits['val'])} val images after filtering; "
+            f"training needs {cfg.batch_size} (one global batch), validation 1: lower --batch-size "
+            "or check --data-root.")
     loader = lambda name, batches, **kw: make_loader(
         XrayDataset(splits[name], cfg.image_size, cache=cfg.image_cache, **kw), batches,
         cfg.num_workers, device, persistent=name == "train")
     batches = TrainBatches(len(splits["train"]), cfg.batch_size, cfg.seed, start_step)
     return (iter(loader("train", batches, hflip=cfg.hflip, affine=cfg.augment == "cleft")),
-            loader("val", eval_batches(len(splits["val"]), cfg.batch_size, pad=False)),
-            loader("test", eval_batches(len(splits["test"]), cfg.batch_size, pad=True)))
+            loader("val", eval_batches(len(splits["val"]), cfg.batch_size)),
+            loader("test", eval_batches(len(splits["test"]), cfg.batch_size)))
 
 # --- Model: image tower (DINOv2), text tower (frozen causal LM + PEFT), CLEFT = both + projections
 def load_pretrained(name, kind, weights=True):
@@ -368,7 +385,7 @@ def load_pretrained(name, kind, weights=True):
         return demo.tiny_pretrained(name, kind)
     try:
         if not weights:
-            import dry_run
+            import dry_run  # the stored architectures
             return AutoModel.from_config(dry_run.architecture(name)), None
         model = AutoModel.from_pretrained(name, dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(name) if kind == "text" else None
@@ -454,9 +471,10 @@ class TextTower(nn.Module):
 
     def forward(self, captions):  # list of B strings -> (B, width)
         unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # labels repeat: once each
-        input_ids, mask, eos = (t.to(self.model.device) for t in self.tokenize(list(unique)))
+        tensors = *self.tokenize(list(unique)), torch.tensor([unique[c] for c in captions])
+        input_ids, mask, eos, index = (to_device(t, self.model.device) for t in tensors)
         pooled = self.pool_at_eos(eos, input_ids=input_ids, attention_mask=mask)  # (U, width)
-        return pooled[torch.tensor([unique[c] for c in captions], device=pooled.device)]  # (B, .)
+        return pooled[index]  # (B, width)
 
     def pool_at_eos(self, eos_positions, **inputs):
         """The LM on input_ids or inputs_embeds (B, T, ...), read at the EOS: (B, width)."""
@@ -494,16 +512,17 @@ def frozen_to_bf16(model):
     return model
 
 # --- Loss: symmetric InfoNCE over the global batch (paper Eq. 1)
-def contrastive_loss(image_features, text_features, logit_scale, ids=None):
+def contrastive_loss(image_features, text_features, logit_scale, ids=None, gather=True):
     """Paper Eq. 1 for this rank's rows against the whole global batch, in fp32.
 
     image_features, text_features: (b, D) unit vectors of this rank's pairs (the same b on every
     rank). ids: (b,) caption ids; when given, pairs with identical captions are positives too
     (soft targets). Each rank averages over its rows and DDP averages over ranks: that is the
-    full-batch mean, and with GatherWithGrad the gradients equal one process on the global batch."""
-    rank, _ = world()
-    all_images = all_gather_rows(image_features)  # (N, D): the global batch
-    all_texts = all_gather_rows(text_features)  # (N, D)
+    full-batch mean, and with GatherWithGrad the gradients equal one process on the global batch
+    (gather=False: the rows are the whole batch, whatever the ranks; used by validation)."""
+    rank, gathered = (world()[0], all_gather_rows) if gather else (0, lambda rows: rows)
+    all_images = gathered(image_features)  # (N, D): the global batch
+    all_texts = gathered(text_features)  # (N, D)
     scale = logit_scale.float().exp()
     logits_per_image = scale * image_features.float() @ all_texts.float().T  # (b, N)
     logits_per_text = scale * text_features.float() @ all_images.float().T  # (b, N)
@@ -511,19 +530,19 @@ def contrastive_loss(image_features, text_features, logit_scale, ids=None):
         targets = torch.arange(len(image_features), device=image_features.device)
         targets = targets + rank * len(image_features)
     else:
-        same = (ids[:, None] == all_gather_rows(ids)[None, :]).float()  # (b, N)
+        same = (ids[:, None] == gathered(ids)[None, :]).float()  # (b, N)
         targets = same / same.sum(dim=1, keepdim=True)
     return (F.cross_entropy(logits_per_image, targets)
             + F.cross_entropy(logits_per_text, targets)) / 2
 
-def caption_ids(captions, device):  # a 63-bit id per caption, the same on every rank
+def caption_ids(captions):  # a 63-bit id per caption, the same on every rank, on the host
     digest = lambda c: hashlib.blake2b(c.encode(), digest_size=8).digest()
-    return torch.tensor([int.from_bytes(digest(c), "little") >> 1 for c in captions], device=device)
+    return torch.tensor([int.from_bytes(digest(c), "little") >> 1 for c in captions])
 
 # --- Train step
 def train_step(model, images, captions, autocast, accum_steps=1, multi_positive=False):
     """Forward and backward of this rank's share of one global batch; the loss (detached)."""
-    ids = caption_ids(captions, images.device) if multi_positive else None
+    ids = to_device(caption_ids(captions), images.device) if multi_positive else None
     loss_fn = lambda image_features, text_features, scale: contrastive_loss(
         image_features, text_features, scale, ids)
     if accum_steps > 1:  # the same gradient in micro-batches (grad_cache.py)
@@ -552,33 +571,10 @@ def make_optimizer(model, lr, weight_decay, fused=False):
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 # --- Checkpoints: OUT/{last,best}/ = config.json, model.safetensors (trained weights only),
-# adapter/ (peft's format), state.pt (step, best validation loss, optimizer)
-def trained_weights(model):
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
-            if p.requires_grad}
-
-def save_checkpoint(directory, model, optimizer, cfg, step, best_val_loss):
-    """Written to DIR.tmp/ and renamed: a crash while saving leaves the previous one whole."""
-    directory, tmp, old = Path(directory), Path(f"{directory}.tmp"), Path(f"{directory}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    save_file(trained_weights(model), tmp / "model.safetensors")
-    if cfg.peft != "none":  # loadable by PeftModel.from_pretrained
-        model.text_tower.model.save_pretrained(tmp / "adapter")
-    torch.save({"step": step, "best_val_loss": best_val_loss, "optimizer": optimizer.state_dict()},
-               tmp / "state.pt")
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)  # a crash from here on: loading falls back to DIR.old
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-
+# adapter/ (peft's format), state.pt (step, best validation loss, optimizer): checkpoints.py
 def checkpoint_dir(directory):  # or DIR.old, if a crash hit between a save's two renames
-    for folder in (Path(directory), Path(f"{directory}.old")):
-        if (folder / "model.safetensors").exists():
-            return folder
-    die(f"no checkpoint in {directory}: pass the last/ or best/ folder of a finished cleft.py run.")
+    return saved_folder(directory) or die(f"no checkpoint in {directory}: pass the last/ or best/ "
+                                          "folder of a finished cleft.py run.")
 
 def load_config(directory):
     saved = json.loads((checkpoint_dir(directory) / "config.json").read_text())
@@ -596,7 +592,13 @@ def load_model(directory, cfg=None):
 def resume_state(cfg):
     """state.pt of OUT/last/, to the CPU, if resuming (--resume, or this config's run is there)."""
     last = Path(cfg.out_dir) / "last"
-    found = [d for d in (last, Path(f"{last}.old")) if (d / "model.safetensors").exists()]
+    found = saved_folder(last) is not None
+    everyone = [found] * world()[1]
+    if world()[1] > 1:  # every rank decides alike, or none goes on
+        dist.all_gather_object(everyone, found)
+    if len(set(everyone)) > 1:
+        die(f"{last} exists for some processes, not all: put --out-dir on a file system that "
+            "every node shares.")
     if not (cfg.resume or found):
         return None
     saved, bookkeeping = load_config(last), ("resume", "num_workers", "image_cache", "log_every",
@@ -612,57 +614,56 @@ def resume_state(cfg):
         die(f"{last}/state.pt holds more than tensors and numbers, so it was refused unread "
             f"({str(error).splitlines()[0][:80]}): resume only from checkpoints of cleft.py.")
 
-def open_metrics(out_dir, resumed_step=None):
-    """OUT/metrics.jsonl, on resume without the steps after the checkpoint (they run again)."""
-    path = Path(out_dir) / "metrics.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = path.read_text().splitlines() if resumed_step is not None and path.exists() else []
-    kept = [line + "\n" for line in lines if line and json.loads(line)["step"] <= resumed_step]
-    path.write_text("".join(kept))
-    return open(path, "a")
-
 # --- Evaluation: validation loss and zero-shot accuracy (all ranks take part: they gather)
 @torch.no_grad()
-def validate(model, val_loader, test_loader, autocast):
-    """{'val_loss': mean contrastive loss over the held-out split's full global batches, and with
-    a test split 'zero_shot_acc': % of argmax over classes of cos(image, hand-written prompt)}."""
+def validate(model, val_loader, test_loader, autocast, batch_size):
+    """{'val_loss': the contrastive loss per held-out pair, scored in batches of batch_size (the
+    last one smaller; fixed, so values compare across the run), and with a test split
+    'zero_shot_acc': % of argmax over classes of cos(image, hand-written prompt)}."""
     model.eval()
-    losses = []
-    for images, captions, _ in val_loader:
-        with autocast:
-            image_features, text_features, _ = model(images.to(model.logit_scale.device), captions)
-        losses.append(contrastive_loss(image_features, text_features, model.logit_scale))
-    record = {"val_loss": all_gather_rows(torch.stack(losses).mean()[None]).mean().item()}
+    images, texts = embed(model, val_loader, n := len(val_loader.dataset), autocast)  # (n, D) each
+    losses = [contrastive_loss(i, t, model.logit_scale, gather=False) * len(i)
+              for i, t in zip(images.split(batch_size), texts.split(batch_size))]
+    record = {"val_loss": (sum(losses) / n).item()}
     if n := len(test_loader.dataset):  # the five classes of CheXpert-5x200
         with autocast:
             class_features = model.encode_text(class_prompts(FIVE_CLASSES))  # (C, D)
-        image_features, labels = embed_images(model, test_loader, n, autocast)  # (n, D), (n,)
+        image_features, labels = embed(model, test_loader, n, autocast)  # (n, D), (n,)
         correct = (image_features @ class_features.T).argmax(dim=1) == labels
         record["zero_shot_acc"] = 100 * correct.float().mean().item()
     model.train()
     return record
 
 @torch.no_grad()
-def embed_images(model, loader, n, autocast, progress=False, encode=None):
-    """(features (n, D), labels (n,)) of an eval_batches(pad=True) loader, on every rank: each
-    embeds its share, then they are gathered. encode: images -> features (model.encode_image)."""
+def embed(model, loader, n, autocast, progress=False, encode=None):
+    """(image features (n, D), targets: labels (n,) or caption features (n, D)) of an eval_batches
+    loader, on every rank: each embeds its share, then they are gathered (all ranks call it).
+    encode: images -> features (default model.encode_image)."""
     device, encode = model.logit_scale.device, encode or model.encode_image
-    features, labels = [], []
-    for images, targets, _ in tqdm(loader, "images", disable=not progress or world()[0]):
+    features, targets, unreadable = [], [], []
+    for images, target, skipped in tqdm(loader, "images", disable=world()[0] or not progress):
         with autocast:
             features.append(all_gather_rows(encode(images.to(device)).float()))  # (B, D)
-        labels.append(all_gather_rows(targets.to(device)))  # (B,)
-    return torch.cat(features)[:n], torch.cat(labels)[:n]
+            if not torch.is_tensor(target):  # captions
+                target = model.encode_text(list(target))  # (B, D)
+        targets.append(all_gather_rows(target.to(device)))
+        unreadable += skipped
+    report_unreadable(unreadable)
+    return torch.cat(features)[:n], torch.cat(targets)[:n]
 
 # --- Main
+def check_finite(loss, name, step, out_dir, progress):  # every rank calls it with the same loss
+    if not math.isfinite(loss):  # stop before anything is saved: OUT/last/ stays good
+        progress.close()
+        die(f"the {name} became {loss} by step {step}: {out_dir}/last holds the last good "
+            "weights; lower --lr or raise --warmup-steps.")
+
 def main(argv=None):
     cfg = parse_config(argv)
-    if cfg.dry_run:  # the parameter table of the configured model, without its weights
-        import dry_run
-        return print(dry_run.parameter_report(cfg))
     rank, world_size, device = setup_distributed()
     dtype, autocast = autocast_for(cfg.dtype, device)
-    print0(f"config: {json.dumps(asdict(cfg))}\nworld size {world_size} on {device}, {dtype}")
+    print0(f"config, where it differs from the defaults (all of it: OUT/last/config.json): "
+           f"{json.dumps(changed_fields(cfg))}\nworld size {world_size} on {device}, {dtype}")
     splits = load_splits(cfg)
     print0("data: " + ", ".join(f"{len(records)} {name}" for name, records in splits.items()))
     out_dir, state = Path(cfg.out_dir), resume_state(cfg)
@@ -679,22 +680,21 @@ def main(argv=None):
     print0(f"trained parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     device_ids = None if device.type == "cpu" else [device.index]  # DDP trains, the model is saved
     ddp_model = DistributedDataParallel(model, device_ids) if world_size > 1 else model
-    metrics = open_metrics(out_dir, start_step if state else None) if rank == 0 else None
+    metrics = start_metrics(out_dir / "metrics.jsonl", state and start_step) if rank == 0 else None
     progress = tqdm(total=cfg.max_steps, initial=start_step, disable=rank != 0, desc="train")
 
-    def log(record, line):  # rank 0: one JSON line in metrics.jsonl, one line on screen
-        if rank == 0:
-            print(json.dumps(record), file=metrics, flush=True)
-            progress.write(line)
-
-    skipped, timer, timed_steps, loss_sum = 0, time.time(), 0, 0.0
+    UNREADABLE.clear()
+    unreadable, timer, timed_steps, loss_sum = [], time.time(), 0, 0.0
     for step in range(start_step, cfg.max_steps + 1):
         # evaluate and save every eval_every steps and at the end (a resumed run: not at its start)
         due = step % cfg.eval_every == 0 or step == cfg.max_steps
         if due and not (state and step == start_step):
-            record = {"step": step, **validate(model, val_loader, test_loader, autocast)}
-            log(record, " | ".join(f"{k} {round(v, 4)}" for k, v in record.items()))
-            improved = record["val_loss"] < best_val_loss  # a NaN never compares smaller
+            report_unreadable(unreadable)  # the training images' since the last report
+            record = {"step": step, **validate(model, val_loader, test_loader, autocast,
+                                               cfg.batch_size)}
+            check_finite(record["val_loss"], "validation loss", step, out_dir, progress)
+            log(metrics, record, " | ".join(f"{k} {round(v, 4)}" for k, v in record.items()))
+            improved = record["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, record["val_loss"])
             if rank == 0:  # best/ when the validation loss improved, last/ every time
                 for name in (["best"] if improved else []) + ["last"]:
@@ -708,38 +708,38 @@ def main(argv=None):
         lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, captions, unreadable = next(train_loader)
-        skipped += len(unreadable := [path for path in unreadable if path])
-        if unreadable and cfg.strict_data:
-            die(f"unreadable image {unreadable[0]} at step {step} (--strict-data): fix or remove "
-                "it, or drop --strict-data to skip such images.")
+        images, captions, skipped = next(train_loader)
+        if cfg.strict_data and any(skipped):  # this rank's batch alone: it stops the run
+            progress.close()
+            die(f"unreadable image {[s for s in skipped if s][0]} at step {step} (--strict-data): "
+                "fix or remove it, or drop --strict-data to skip such images.", this_rank_only=True)
+        unreadable += skipped
         # dropout masks depend on (seed, step, rank) alone: a resumed run draws the same ones
         torch.manual_seed(cfg.seed * 2**40 + step * 2**20 + rank)
         loss = train_step(ddp_model, images.to(device, non_blocking=True), captions, autocast,
                           cfg.accum_steps, cfg.multi_positive)
-        if world_size > 1:  # every rank learns the mean loss: a non-finite one stops them all
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        if not math.isfinite(loss := loss.item()):
-            die(f"the loss became {loss} at step {step}; no update was made and {out_dir}/last "
-                "holds the last good weights: lower --lr or raise --warmup-steps.")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP: the scale never exceeds 100
-        loss_sum, timed_steps = loss_sum + loss, timed_steps + 1
+        loss_sum, timed_steps = loss_sum + loss, timed_steps + 1  # on the device: no host wait
         progress.update(1)
-        if (step + 1) % cfg.log_every == 0:
-            record = {"step": step + 1, "loss": loss_sum / timed_steps, "lr": lr,
+        if (step + 1) % cfg.log_every == 0:  # the host reads the loss here only
+            report_unreadable(unreadable)
+            if world_size > 1:  # the mean over ranks: a non-finite loss stops every rank
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            check_finite(loss := loss_sum.item() / timed_steps, "loss", step, out_dir, progress)
+            record = {"step": step + 1, "loss": loss, "lr": lr,
                       "logit_scale": model.logit_scale.exp().item(),
                       "images_per_s": cfg.batch_size * timed_steps / (time.time() - timer)}
-            log(record, "step {step}/{n} | loss {loss:.4f} | lr {lr:.2e} | scale {logit_scale:.1f}"
-                        " | {images_per_s:.0f} img/s".format(n=cfg.max_steps, **record))
+            log(metrics, record, "step {step}/{n} | loss {loss:.4f} | lr {lr:.2e} | scale "
+                "{logit_scale:.1f} | {images_per_s:.0f} img/s".format(n=cfg.max_steps, **record))
             timer, timed_steps, loss_sum = time.time(), 0, 0.0
     progress.close()
-    if skipped := all_gather_rows(torch.tensor([skipped], device=device)).sum().item():
-        print0(f"skipped during training: {skipped} unreadable image(s) (warnings above)")
+    if UNREADABLE:
+        print0(f"skipped in this run: {len(UNREADABLE)} unreadable image(s), each named above")
     print0(f"done: best validation loss {best_val_loss:.4f}; checkpoints in {out_dir}")
     if world_size > 1:  # DDP holds the process group: free it first, or gloo can abort at exit
         del ddp_model

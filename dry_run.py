@@ -1,10 +1,15 @@
 """
-`python cleft.py --dry-run`: the parameter table of the configured model, built on PyTorch's meta
-device from stored architectures (no weights, no memory, no download), and set against the paper's
-comparison, vanilla CLIP ViT-B/16 (its Fig. 1), and a CLIP with a fully trained BERT-base text
-tower. Not part of the method.
+The parameter table of the model that cleft.py's flags configure, built on PyTorch's meta device
+from stored architectures (no weights, no memory, no download, seconds), and set against the
+paper's comparison, vanilla CLIP ViT-B/16 (its Fig. 1), and a CLIP with a fully trained BERT-base
+text tower. Not part of the method.
+
+    python dry_run.py                      # the paper's model: BioMedLM + LoRA, DINOv2 ViT-B/14
+    python dry_run.py --peft ia3           # any of cleft.py's model flags
+    python dry_run.py --preset medclip-vit-l
 """
 
+import sys
 from dataclasses import replace
 
 import torch
@@ -12,7 +17,7 @@ import torch.nn as nn
 
 from transformers import AutoModel
 
-from cleft import CLEFT
+from cleft import CLEFT, parse_config
 
 ARCHITECTURES = {  # hub id -> (model type, config) of the paper's and the preset's models
     "stanford-crfm/BioMedLM": ("gpt2", dict(vocab_size=28896, n_positions=1024, n_embd=2560,
@@ -78,3 +83,12 @@ def parameter_report(cfg):
               f"trained parameters in all vs a CLIP with that text tower ({trained(bert):,}): "
               f"{100 * trained(model) / trained(bert):.1f}%"]
     return "\n".join(lines)
+
+
+def main(argv=None):  # cleft.py's flags; the paper's models unless --data demo asks for tiny ones
+    argv = sys.argv[1:] if argv is None else argv
+    print(parameter_report(parse_config(["--data", "chexpert", *argv])))
+
+
+if __name__ == "__main__":
+    main()

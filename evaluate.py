@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import demo
 from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches, XrayDataset, arg,
-                   autocast_for, caption_from_labels, chexpert_rows, die, embed_images,
+                   autocast_for, caption_from_labels, chexpert_rows, die, embed,
                    eval_batches, five_class_index, get_lr, load_config, load_model, make_loader,
                    make_optimizer, parse_config, print0, read_csv, split_by_patient)
 from prompt_tune import PromptLearner, labelled_splits, load_prompt, zero_shot_logits
@@ -60,6 +60,7 @@ class EvalConfig:
     eval_every: int = arg(500, "validate every N steps; the best validation loss is tested")
     seed: int = arg(0, "seed for the head, the batches and the --data-pct subset")
     num_workers: int = arg(-1, "data-loading processes (-1: the CPU cores, less one)")
+    val_fraction: float = arg(0.05, "CheXpert, csv: share of patients held out (as stage 1)")
     dtype: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
     out: str = arg("", "results file (default: CKPT/results_DATA.json)")
     export: str = arg("", "EMBED: also write the train/val captions and labels to this CSV")
@@ -102,7 +103,7 @@ def chexpert5x200_data(cfg):
     if dropped := len(read_csv(root / "chexpert_5x200.csv", ["Path"])) - len(splits["test"]):
         print0(f"note: {dropped} rows of chexpert_5x200.csv break the 5x200 rule (an uncertain -1, "
                "two of the classes, or another finding present) and are left out")
-    pairs = [(r["image"], caption_from_labels(r)) for r in chexpert_rows(root)["val"]]
+    pairs = [(r["image"], caption_from_labels(r)) for r in chexpert_rows(root, cfg.val_fraction)["val"]]
     texts = [name.lower() for name in FIVE_CLASSES]
     return EvalData(FIVE_CLASSES, [CAPTION_PREFIX + t for t in texts], texts, splits, pairs)
 
@@ -318,8 +319,8 @@ def features_of(model, records, cfg, device, autocast, encode=None):
     """(features, labels) of (path, class) records, evaluation view, computed once."""
     stage1 = load_config(cfg.ckpt)  # its input size, and its --image-cache
     dataset = XrayDataset(records, stage1.image_size, cache=stage1.image_cache)
-    loader = make_loader(dataset, eval_batches(len(records), 64, pad=True), cfg.num_workers, device)
-    features, labels = embed_images(model, loader, len(records), autocast, True, encode)
+    loader = make_loader(dataset, eval_batches(len(records), 64), cfg.num_workers, device)
+    features, labels = embed(model, loader, len(records), autocast, True, encode)
     return features, labels.cpu().numpy()
 
 def scores(probabilities, labels):
@@ -394,7 +395,7 @@ def fine_tune(model, data, cfg, device, autocast, train):
     val_set = XrayDataset(data.splits["val"], stage1.image_size, cache=stage1.image_cache)
     batches = TrainBatches(len(train), batch, cfg.seed)
     loader = iter(make_loader(train_set, batches, cfg.num_workers, device, persistent=True))
-    val_loader = make_loader(val_set, eval_batches(len(val_set), 64, pad=True), cfg.num_workers,
+    val_loader = make_loader(val_set, eval_batches(len(val_set), 64), cfg.num_workers,
                              device)
 
     def batch_loss(step):
@@ -405,7 +406,7 @@ def fine_tune(model, data, cfg, device, autocast, train):
 
     def val_loss():
         tower.eval()
-        logits, labels = embed_images(model, val_loader, len(val_set), autocast, encode=classify)
+        logits, labels = embed(model, val_loader, len(val_set), autocast, encode=classify)
         tower.train()
         return F.cross_entropy(logits, labels).item()
 

@@ -1,19 +1,25 @@
 """
 Reading X-ray files fast: JPEGs decoded at reduced size, DICOMs scaled to 8 bits, and the optional
 `--image-cache DIR`, where each image's small decoded copy is kept after its first read (about 40x
-faster for the 2 MB JPEGs of full-resolution CheXpert; the same pixels). Not part of the method:
-cleft.load_image turns what read_xray returns into the model's input view.
+faster for the 2 MB JPEGs of full-resolution CheXpert; the same pixels); and reporting the files
+that cannot be read, once each. Not part of the method: cleft.load_image turns what read_xray
+returns into the model's input view.
 """
 
 import hashlib
 import os
+import sys
 import uuid
 import warnings
 from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
+
+UNREADABLE = set()  # 'path (error)' of every unreadable image met in this run, on every rank
 
 
 def read_xray(path, size, cache=""):
@@ -65,3 +71,20 @@ def cached_xray(path, size, cache):
         with suppress(OSError):
             temp.unlink()  # a partly written entry
     return image
+
+
+def report_unreadable(messages):
+    """Rank 0 prints each unreadable image once per run, above the progress bar, whichever rank or
+    split met it; all ranks call this at the same points (it gathers). messages: the 'path (error)'
+    lines of cleft.XrayDataset's items, emptied here."""
+    new = {line for text in messages for line in text.split("\n") if line}
+    if dist.is_initialized():  # loader workers only hand them over: their rank reports them
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, new)
+        new = set().union(*everyone)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for line in sorted(new - UNREADABLE):
+            tqdm.write(f"warning: skipping unreadable image {line}", file=sys.stderr)
+            sys.stderr.flush()
+    UNREADABLE.update(new)
+    messages.clear()

@@ -22,10 +22,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import demo
+from checkpoints import start_metrics
 from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, XrayDataset, arg, autocast_for,
-                   chexpert_rows, die, embed_images, eval_batches,
-                   five_class_index, get_lr, load_config, load_model, make_loader, parse_config,
-                   print0, read_csv, setup_distributed, split_by_patient)
+                   changed_fields, chexpert_rows, die, embed, eval_batches, five_class_index,
+                   get_lr, load_config, load_model, log, make_loader, parse_config, print0,
+                   read_csv, setup_distributed, split_by_patient)
 
 # --- Config
 @dataclass
@@ -45,6 +46,7 @@ class PromptConfig:
     dtype: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
     seed: int = arg(42, "seed for the random context tokens and the batches")
     num_workers: int = arg(-1, "loader processes per rank, for the image features (-1: auto)")
+    val_fraction: float = arg(0.05, "share of patients held out to pick the context (as stage 1)")
     out: str = arg("", "output file (default: CKPT/prompt.safetensors); a .jsonl log beside it")
 
 # --- Data: images positive for exactly one of the classes
@@ -59,8 +61,8 @@ def labelled_splits(cfg, classes):
         if unknown := sorted({r["label"] for r in rows} - set(classes)):
             die(f"{cfg.data_root} has labels {unknown[:5]} that are not in --classes: list every "
                 "class name.")
-        if "split" not in rows[0]:  # else 5% of the images held out
-            for row in split_by_patient(rows, 0.05, key=lambda row: row["image"])[1]:
+        if "split" not in rows[0]:  # else --val-fraction of the images held out
+            for row in split_by_patient(rows, cfg.val_fraction, key=lambda r: r["image"])[1]:
                 row["split"] = "val"
         pairs = lambda name: [(str(Path(cfg.data_root).parent / r["image"]),
                                classes.index(r["label"])) for r in rows
@@ -69,7 +71,7 @@ def labelled_splits(cfg, classes):
     if missing := [name for name in classes if name not in FINDINGS]:
         die(f"--classes {missing} are not CheXpert label columns: use names from the train.csv "
             "header.")
-    splits = chexpert_rows(cfg.data_root)
+    splits = chexpert_rows(cfg.data_root, cfg.val_fraction)
     labelled = lambda rows: [(r["image"], single_positive(r, classes)) for r in rows
                              if single_positive(r, classes) is not None]
     test = [(r["image"], five_class_index(r)) for r in splits["test"]]
@@ -149,7 +151,8 @@ def main(argv=None):
     if cfg.data == "csv" and not cfg.classes:  # the CSV's own labels
         classes = sorted({r["label"] for r in read_csv(cfg.data_root, ["label"])} - {""})
     out = Path(cfg.out or Path(cfg.ckpt) / "prompt.safetensors")
-    print0(f"config: {json.dumps(asdict(cfg))}\nworld size {world_size} on {device}, {dtype}")
+    print0(f"config, where it differs from the defaults: {json.dumps(changed_fields(cfg))}\n"
+           f"world size {world_size} on {device}, {dtype}")
     if cfg.data == "demo":
         demo.prepare(cfg.data_root)
     splits = labelled_splits(cfg, classes)
@@ -157,6 +160,8 @@ def main(argv=None):
         die(f"no train or no val image is positive for exactly one of {classes}: check "
             "--data-root and --classes.")
     print0("data: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items()) + f"; {classes}")
+    if (n := len(splits["val"])) < 100:  # the standard error of an accuracy near 50%: 50/sqrt(n)
+        print0(f"note: {n} held-out images: accuracy +-{50 / n**0.5:.0f} points (--val-fraction)")
 
     # both encoders frozen: every rank embeds its share of the images once, then all hold all
     model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
@@ -164,9 +169,9 @@ def main(argv=None):
     for name, records in splits.items():
         if records:
             dataset = XrayDataset(records, stage1.image_size, cache=stage1.image_cache)
-            batches = eval_batches(len(records), 32 * world_size, pad=True)
+            batches = eval_batches(len(records), 32 * world_size)
             loader = make_loader(dataset, batches, cfg.num_workers, device)
-            features[name] = embed_images(model, loader, len(records), autocast, progress=True)
+            features[name] = embed(model, loader, len(records), autocast, progress=True)
 
     torch.manual_seed(cfg.seed)  # the random context tokens: the same on every rank
     init = cfg.init or CAPTION_PREFIX.strip()
@@ -182,14 +187,8 @@ def main(argv=None):
         weight = 1 / torch.bincount(labels, minlength=len(classes)).clamp(min=1).float()
         return accuracy, F.cross_entropy(logits, labels, weight=weight).item()  # classes count same
 
-    log_file = open(out.with_suffix(".jsonl"), "w") if rank == 0 else None
+    log_file = start_metrics(out.with_suffix(".jsonl")) if rank == 0 else None  # beside `out`
     progress = tqdm(total=cfg.max_steps, disable=rank != 0, desc="prompt")
-
-    def log(record, line):  # rank 0: one JSON line beside the prompt file, one line on screen
-        if rank == 0:
-            print(json.dumps(record), file=log_file, flush=True)
-            progress.write(line)
-
     batches = torch.Generator().manual_seed(cfg.seed)  # the same batches on every rank
     train_features, train_labels = features["train"]
     # class-balanced batches (the paper: the classes are learned "evenly"): 1 / class size each
@@ -201,8 +200,9 @@ def main(argv=None):
                 learned = learner.class_features(model)
             acc_hand = scores("val", handwritten)[0]
             acc_learned, val_loss = scores("val", learned)
-            log({"step": step, "val_acc_hand_written": acc_hand, "val_acc_learned": acc_learned,
-                 "val_loss": val_loss}, f"step {step} | held-out zero-shot acc: hand-written "
+            record = {"step": step, "val_acc_hand_written": acc_hand,
+                      "val_acc_learned": acc_learned, "val_loss": val_loss}
+            log(log_file, record, f"step {step} | held-out zero-shot acc: hand-written "
                 f"{acc_hand:.1f} | learned {acc_learned:.1f} | held-out loss {val_loss:.4f}")
             if best is None or val_loss < best[0]:  # smoother than accuracy on a small split
                 best = (val_loss, step, learner.context.detach().clone())
@@ -224,11 +224,11 @@ def main(argv=None):
             dist.all_reduce(learner.context.grad, op=dist.ReduceOp.AVG)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.item()
+        loss_sum += loss.detach()  # read at log steps only: no wait on the device each step
         progress.update(1)
         if (step + 1) % cfg.log_every == 0:
-            loss_sum /= cfg.log_every
-            log({"step": step + 1, "loss": loss_sum, "lr": lr},
+            loss_sum = loss_sum.item() / cfg.log_every
+            log(log_file, {"step": step + 1, "loss": loss_sum, "lr": lr},
                 f"step {step + 1}/{cfg.max_steps} | loss {loss_sum:.4f} | lr {lr:.2e}")
             loss_sum = 0.0
     progress.close()
@@ -238,7 +238,7 @@ def main(argv=None):
         with torch.no_grad(), autocast:
             learned = learner.class_features(model)
         hand, learned = scores("test", handwritten)[0], scores("test", learned)[0]
-        log({"test_acc_hand_written": hand, "test_acc_learned": learned},
+        log(log_file, {"test_acc_hand_written": hand, "test_acc_learned": learned},
             f"5x200 zero-shot acc: hand-written {hand:.1f} | learned {learned:.1f}")
     if rank == 0:
         save_prompt(out, learner, classes, cfg)

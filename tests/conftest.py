@@ -15,6 +15,12 @@ import cleft  # noqa: E402
 import demo  # noqa: E402
 
 
+def pytest_configure(config):
+    # the filter cleft.py applies at import (pytest resets the filters set while it imports)
+    pattern = "`(is_gradient_checkpointing|past_key_values)` is deprecated"
+    config.addinivalue_line("filterwarnings", f"ignore:{pattern}")
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A small synthetic CheXpert-layout dataset (300 patients, 10 images per 5x200 class)."""

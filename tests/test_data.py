@@ -294,14 +294,24 @@ def test_unreadable_images_are_skipped(tmp_path, capsys):
         ],
         image_size=32,
     )
-    for index, skipped in [(0, "missing.jpg"), (1, "truncated.jpg"), (2, "")]:
+    messages = []
+    for index, skipped in [(0, ["missing.jpg", "truncated.jpg"]), (1, ["truncated.jpg"]), (2, [])]:
         image, caption, unreadable = dataset[(index, None)]
         assert caption == "c" and image.shape == (1, 32, 32)  # the next readable item stands in
-        assert unreadable == (
-            str(tmp_path / skipped) if skipped else ""
-        )  # and the first skipped one is named
-    errors = capsys.readouterr().err
-    assert "missing.jpg" in errors and "truncated.jpg" in errors
+        # every unreadable file it stood in for is named, with the reason
+        assert [line.split(" (")[0] for line in unreadable.splitlines()] == [
+            str(tmp_path / name) for name in skipped
+        ]
+        messages.append(unreadable)
+    assert capsys.readouterr().err == ""  # loader workers print nothing themselves
+    image_io.UNREADABLE.clear()
+    again = [messages[0]]  # met again (at another evaluation, say): not reported again
+    image_io.report_unreadable(messages)
+    image_io.report_unreadable(again)
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and messages == [] and len(image_io.UNREADABLE) == 2
+    assert errors[0].startswith(f"warning: skipping unreadable image {tmp_path / 'missing.jpg'} (")
+    assert errors[1].startswith(f"warning: skipping unreadable image {tmp_path / 'truncated.jpg'}")
 
 
 def test_train_batches_are_the_same_global_batches_for_any_world_size(monkeypatch):
@@ -321,10 +331,8 @@ def test_train_batches_are_the_same_global_batches_for_any_world_size(monkeypatc
 
 def test_eval_batches_cover_the_data_in_order(monkeypatch):
     monkeypatch.setattr(cleft, "world", lambda: (1, 2))
-    padded = cleft.eval_batches(10, batch_size=4, pad=True)
+    padded = cleft.eval_batches(10, batch_size=4)
     assert [[i for i, _ in b] for b in padded] == [[2, 3], [6, 7], [9, 9]]
     assert all(seed is None for b in padded for _, seed in b)  # no augmentation
-    assert [[i for i, _ in b] for b in cleft.eval_batches(10, batch_size=4, pad=False)] == [
-        [2, 3],
-        [6, 7],
-    ]
+    monkeypatch.setattr(cleft, "world", lambda: (0, 2))
+    assert [[i for i, _ in b] for b in cleft.eval_batches(3, batch_size=4)] == [[0, 1]]

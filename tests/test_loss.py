@@ -55,12 +55,12 @@ def test_loss_is_fp32_for_bf16_features():
 def test_multi_positive_matches_soft_target_eq1():
     captions = ["a", "b", "a", "c", "b", "a"]
     images, texts = random_features(len(captions), seed=1)
-    ids = cleft.caption_ids(captions, "cpu")
+    ids = cleft.caption_ids(captions)
     positives = [[j for j, other in enumerate(captions) if other == c] for c in captions]
     loss = cleft.contrastive_loss(images, texts, torch.tensor(math.log(10.0)), ids)
     assert loss.item() == pytest.approx(eq1(images, texts, 10.0, positives), rel=1e-5)
     # with all captions distinct, multi-positive is the ordinary loss
-    unique = cleft.caption_ids([str(i) for i in range(6)], "cpu")
+    unique = cleft.caption_ids([str(i) for i in range(6)])
     assert cleft.contrastive_loss(images, texts, torch.tensor(2.0), unique).item() == pytest.approx(
         cleft.contrastive_loss(images, texts, torch.tensor(2.0)).item(), rel=1e-6
     )

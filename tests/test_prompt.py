@@ -2,6 +2,7 @@
 features, and prompt_tune.py end to end (one process and two)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,11 +113,11 @@ def test_cached_features_give_the_loss_of_recomputed_ones(demo_root):
     records = splits["train"][:20]
     loader = cleft.make_loader(
         cleft.XrayDataset(records, 112),
-        cleft.eval_batches(len(records), 8, pad=True),
+        cleft.eval_batches(len(records), 8),
         0,
         torch.device("cpu"),
     )
-    cached, labels = cleft.embed_images(model, loader, len(records), torch.no_grad())
+    cached, labels = cleft.embed(model, loader, len(records), torch.no_grad())
     images = torch.stack([cleft.load_image(path, 112) for path, _ in records])
     with torch.no_grad():
         fresh = model.encode_image(images)
@@ -154,18 +155,23 @@ def test_demo_run_improves_the_loss_and_writes_the_prompt(demo_root, stage1_ckpt
     assert (
         "5x200 zero-shot acc: hand-written" in result.stdout and f"saved to {out}" in result.stdout
     )
+    held_out = int(re.search(r"data: \d+ train, (\d+) val", result.stdout).group(1))
+    assert 0 < held_out < 100  # too few to trust: the log says how far
+    assert f"note: {held_out} held-out images: accuracy +-{50 / held_out**0.5:.0f} points" in (
+        result.stdout)
     records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert [r["step"] for r in records if "val_acc_learned" in r] == [0, 20, 40]
     context, classes = prompt_tune.load_prompt(out)
     assert context.shape == (39, 64) and classes == cleft.FIVE_CLASSES
-    default = run_prompt_tune(
-        "--ckpt", stage1_ckpt, "--data-root", demo_root, "--max-steps", "2", "--num-workers", "0"
-    )
+    default = run_prompt_tune("--ckpt", stage1_ckpt, "--data-root", demo_root, "--max-steps", "2",
+                              "--num-workers", "0", "--val-fraction", "0.2")
     assert (
         default.returncode == 0 and (stage1_ckpt / "prompt.safetensors").exists()
     )  # default: inside the checkpoint
+    larger = int(re.search(r"data: \d+ train, (\d+) val", default.stdout).group(1))
+    assert larger > 3 * held_out  # --val-fraction 0.2 holds out four times the patients
 
 
 def test_two_processes_learn_the_same_context(demo_root, stage1_ckpt, tmp_path):

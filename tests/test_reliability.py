@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoints
 import cleft
 from test_distributed import TESTS
 
@@ -24,14 +25,14 @@ FAST = ["--batch-size", "8", "--num-workers", "0", "--log-every", "1"]
 
 
 def train(data_root, out_dir, *flags):
-    """cleft.py in this process, with the fast settings."""
-    cleft.main(["--data-root", str(data_root), "--out-dir", str(out_dir), *map(str, flags), *FAST])
+    """cleft.py in this process, with the fast settings (flags win over them)."""
+    cleft.main(["--data-root", str(data_root), "--out-dir", str(out_dir), *FAST, *map(str, flags)])
 
 
 def run(data_root, out_dir, *flags):
     """cleft.py in a fresh process, with the fast settings."""
     command = [sys.executable, str(ROOT / "cleft.py"), "--data-root", str(data_root), "--out-dir",
-               str(out_dir), *map(str, flags), *FAST]
+               str(out_dir), *FAST, *map(str, flags)]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
 
 
@@ -172,7 +173,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path
         raise KeyboardInterrupt("killed while writing")
 
     monkeypatch.setattr(
-        cleft, "save_file", crash
+        checkpoints, "save_file", crash
     )  # 1) the process dies while writing the new files
     with pytest.raises(KeyboardInterrupt):
         cleft.save_checkpoint(
@@ -194,7 +195,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path
         real_replace(src, dst)
 
     monkeypatch.setattr(
-        cleft.os, "replace", crash_between_renames
+        checkpoints.os, "replace", crash_between_renames
     )  # 2) last/ moved aside, the new one not in yet
     with pytest.raises(KeyboardInterrupt):
         cleft.save_checkpoint(
@@ -209,63 +210,73 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path
     assert not (tmp_path / "last.old").exists() and not (tmp_path / "last.tmp").exists()
 
 
-def test_best_is_never_replaced_by_a_worse_or_nan_run(demo_root, tmp_path, monkeypatch):
+def test_best_is_never_replaced_by_a_worse_run_and_nan_is_never_saved(
+    demo_root, tmp_path, monkeypatch
+):
     val_losses = iter([2.0, 1.0, 3.0, float("nan")])
     monkeypatch.setattr(cleft, "validate", lambda *args: {"val_loss": next(val_losses)})
-    train(demo_root, tmp_path, "--max-steps", 6, "--eval-every", 2)
+    with pytest.raises(SystemExit, match="the validation loss became nan by step 6"):
+        train(demo_root, tmp_path, "--max-steps", 8, "--eval-every", 2)
     best, last = (
         torch.load(tmp_path / d / "state.pt", weights_only=True) for d in ("best", "last")
     )
     assert (best["step"], best["best_val_loss"]) == (2, 1.0)
-    assert (last["step"], last["best_val_loss"]) == (6, 1.0)
+    assert (last["step"], last["best_val_loss"]) == (4, 1.0)
 
 
 @pytest.fixture
 def damaged_demo(demo_root, tmp_path):
-    """A copy of the small demo in which two images of the first training batch are damaged: one
-    truncated, one missing."""
+    """A copy of the small demo in which two images of the first training batch are damaged (one
+    truncated, one missing), and one validation and one 5x200 test image are missing."""
     root = tmp_path / "demo"
     shutil.copytree(demo_root, root)
-    train = cleft.load_splits(cleft.parse_config(["--data-root", str(root)]))["train"]
-    first_batch = next(iter(cleft.TrainBatches(len(train), 8, seed=42)))
-    truncated, missing = (Path(train[i][0]) for i, _ in first_batch[:2])
+    splits = cleft.load_splits(cleft.parse_config(["--data-root", str(root)]))
+    first_batch = next(iter(cleft.TrainBatches(len(splits["train"]), 8, seed=42)))
+    truncated, missing = (Path(splits["train"][i][0]) for i, _ in first_batch[:2])
     truncated.write_bytes(truncated.read_bytes()[:300])
     missing.unlink()
-    return root, truncated, missing
+    for name in ("val", "test"):
+        Path(splits[name][0][0]).unlink()
+    return root, truncated, missing, Path(splits["val"][0][0]), Path(splits["test"][0][0])
 
 
 def test_unreadable_images_are_skipped_counted_and_reported(damaged_demo, tmp_path):
-    root, truncated, missing = damaged_demo
-    result = run(root, tmp_path / "run", "--max-steps", 2, "--eval-every", 2)
+    """Each unreadable file is reported once per run, whichever split and however many
+    evaluations (three here) meet it, on a line of its own, and all four are counted."""
+    root, *damaged = damaged_demo
+    result = run(root, tmp_path / "run", "--max-steps", 4, "--eval-every", 2)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (
-        result.stderr.count(f"warning: skipping unreadable image {truncated}") == 1
-    )  # warned once per path
-    assert f"warning: skipping unreadable image {missing}" in result.stderr
-    assert (
-        "skipped during training: 2 unreadable image(s)" in result.stdout
-    )  # both in step 0's batch
+    for path in damaged:
+        assert result.stderr.count(f"warning: skipping unreadable image {path} (") == 1
+    assert all(line.startswith("warning: ") for line in result.stderr.splitlines()
+               if "unreadable" in line)  # never glued to a progress bar's line
+    assert "skipped in this run: 4 unreadable image(s)" in result.stdout
 
 
 def test_strict_data_stops_at_the_first_unreadable_image(damaged_demo, tmp_path):
-    root, truncated, missing = damaged_demo
+    root, truncated, *_ = damaged_demo
     result = run(root, tmp_path / "run", "--max-steps", 2, "--eval-every", 2, "--strict-data")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert error == [
-        f"error: unreadable image {truncated} at step 0 (--strict-data): fix or remove it, "
-        "or drop --strict-data to skip such images."
-    ]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and error[0].startswith(f"error: unreadable image {truncated} (")
+    assert error[0].endswith(" at step 0 (--strict-data): fix or remove it, or drop --strict-data "
+                             "to skip such images.")
 
 
 def nan_at_step(n, monkeypatch):
-    """Training step n (counted from 0) reports a NaN loss, after a real forward and backward."""
+    """Training step n (counted from 0) diverges as a real one does: a NaN loss and NaN gradients
+    (so the update makes the weights NaN), after a real forward and backward."""
     real, calls = cleft.train_step, []
 
-    def train_step(*args, **kwargs):
+    def train_step(model, *args, **kwargs):
         calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) == n + 1 else loss
+        loss = real(model, *args, **kwargs)
+        if len(calls) != n + 1:
+            return loss
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(float("nan"))
+        return loss * float("nan")
 
     monkeypatch.setattr(cleft, "train_step", train_step)
 
@@ -273,13 +284,18 @@ def nan_at_step(n, monkeypatch):
 def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
     demo_root, tmp_path, monkeypatch
 ):
-    nan_at_step(3, monkeypatch)
-    with pytest.raises(SystemExit, match="the loss became nan at step 3; no update was made"):
-        train(demo_root, tmp_path, "--max-steps", 6, "--eval-every", 2)
-    assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 2
-    assert all(
-        torch.isfinite(v).all() for v in load_file(tmp_path / "last" / "model.safetensors").values()
-    )
+    """The loss is read at log steps only; whichever check meets the NaN first (the training
+    loss at a log step, or the validation loss of the NaN weights), nothing after it is saved."""
+    for log_every, message in ((1, "the loss became nan by step 3"),
+                               (5, "the validation loss became nan by step 4")):
+        nan_at_step(3, monkeypatch)
+        out = tmp_path / str(log_every)
+        with pytest.raises(SystemExit, match=message + f": {out}/last holds the last good"):
+            train(demo_root, out, "--max-steps", 6, "--eval-every", 2, "--log-every", log_every)
+        monkeypatch.undo()
+        assert torch.load(out / "last" / "state.pt", weights_only=True)["step"] == 2
+        weights = load_file(out / "last" / "model.safetensors").values()
+        assert all(torch.isfinite(v).all() for v in weights)
 
 
 def test_clear_errors_for_empty_splits_and_uneven_batches(tmp_path, demo_root, monkeypatch):
@@ -290,7 +306,7 @@ def test_clear_errors_for_empty_splits_and_uneven_batches(tmp_path, demo_root, m
         + "," * 13
         + "\n"
     )
-    with pytest.raises(SystemExit, match="the train split has 0 images after filtering"):
+    with pytest.raises(SystemExit, match="0 train and 0 val images after filtering; training"):
         cleft.main(["--data", "chexpert", "--data-root", str(tmp_path), "--out-dir", str(tmp_path)])
     monkeypatch.setattr(cleft, "setup_distributed", lambda: (0, 2, torch.device("cpu")))
     with pytest.raises(
@@ -333,8 +349,8 @@ def test_the_logit_scale_never_exceeds_100(demo_root, tmp_path):
     weights["logit_scale"] = torch.tensor(math.log(1000.0))
     save_file(weights, tmp_path / "last" / "model.safetensors")
     train(demo_root, tmp_path, "--eval-every", 2, "--max-steps", 4, "--resume")  # scale: 1000
-    logged = [r["logit_scale"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())
-              if r["step"] > 2 and "logit_scale" in r]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    logged = [r["logit_scale"] for r in map(json.loads, lines) if r["step"] > 2 and "logit_scale" in r]
     assert len(logged) == 2 and all(scale <= 100 + 1e-3 for scale in logged)
     final = load_file(tmp_path / "last" / "model.safetensors")["logit_scale"]
     assert final.exp().item() <= 100 + 1e-3

@@ -1,4 +1,4 @@
-"""Paper-scale fidelity: the --dry-run parameter report on the meta device, the medclip-vit-l
+"""Paper-scale fidelity: the parameter report (dry_run.py) on the meta device, the medclip-vit-l
 preset, and exact large-batch gradients with --accum-steps (gradient cache)."""
 
 import os
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def dry_run_counts(*flags):
     """(text tower trained, text tower total, image tower total, all total) of the paper-size model,
     on meta."""
-    cfg = cleft.parse_config(["--dry-run", *flags])
+    cfg = cleft.parse_config(["--data", "chexpert", *flags])  # as dry_run.py: the paper's models
     with torch.device("meta"):
         model = cleft.CLEFT(cfg, weights=False)
     count = lambda module, trained=False: sum(
@@ -65,7 +65,7 @@ def test_dry_run_counts_the_preset():
 
 def test_dry_run_prints_the_table_offline():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "cleft.py"), "--dry-run"],
+        [sys.executable, str(ROOT / "dry_run.py")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -236,7 +236,7 @@ def test_short_demo_run_with_accumulation(demo_root, tmp_path):
         ]
     )
     assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 3
-    with pytest.raises(SystemExit, match="must divide by --accum-steps 3"):
+    with pytest.raises(SystemExit, match="each one's share must divide by --accum-steps 3"):
         cleft.main(["--data-root", str(demo_root), "--batch-size", "8", "--accum-steps", "3",
                     "--out-dir", str(tmp_path / "other")])
 
@@ -277,7 +277,7 @@ def test_dry_run_never_asks_the_hub():
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE")}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
     for flags in ([], ["--preset", "medclip-vit-l"]):
-        result = subprocess.run([sys.executable, str(ROOT / "cleft.py"), "--dry-run", *flags],
+        result = subprocess.run([sys.executable, str(ROOT / "dry_run.py"), *flags],
                                 env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "| **total** |" in result.stdout and "Retrying" not in result.stderr

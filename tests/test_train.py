@@ -1,8 +1,11 @@
 """End to end: `python cleft.py` on the demo layout writes best/, last/ and metrics.jsonl; --resume
 continues exactly; torchrun with two CPU processes trains; mistakes end in one clear message."""
 
+import csv
 import json
 import os
+import re
+from contextlib import nullcontext
 import subprocess
 import sys
 from pathlib import Path
@@ -71,28 +74,84 @@ def test_demo_run_writes_checkpoints_and_metrics(demo_root, tmp_path):
     assert torch.equal(model.image_projection.weight.detach(), ours["image_projection.weight"])
 
 
-def test_torchrun_two_processes_on_cpu(demo_root, tmp_path):
-    out = tmp_path / "ddp"
-    result = torchrun(
-        ROOT / "cleft.py",
-        "--data-root",
-        demo_root,
-        "--out-dir",
-        out,
-        "--max-steps",
-        4,
-        "--eval-every",
-        2,
-        "--multi-positive",
-        *FAST
-    )
+def test_torchrun_two_processes_with_a_validation_split_smaller_than_the_batch(
+    demo_root, tmp_path
+):
+    """17 validation images against a global batch of 32 (16 a rank): scored as one batch of 17,
+    with finite losses and best/ saved, and at step 0 (the same weights, no dropout) the same value
+    as one process gives."""
+    flags = ["--data-root", demo_root, "--max-steps", 4, "--eval-every", 2, "--batch-size", 32,
+             "--num-workers", 0, "--log-every", 2, "--multi-positive"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cleft.main([*map(str, flags), "--out-dir", str(one), "--max-steps", "0"])
+    result = torchrun(ROOT / "cleft.py", *flags, "--out-dir", two)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (
-        "world size 2" in result.stdout and result.stdout.count("step 4/4 | loss") == 1
-    )  # rank 0 prints
-    assert result.stdout.count("step 4 | val_loss") == 1
-    assert [r["step"] for r in metrics(out) if "val_loss" in r] == [0, 2, 4]
-    assert torch.load(out / "last" / "state.pt", weights_only=True)["step"] == 4
+    assert "data: 334 train, 17 val, 50 test" in result.stdout
+    assert "world size 2" in result.stdout and result.stdout.count("step 4/4 | loss") == 1
+    assert result.stdout.count("step 4 | val_loss") == 1  # rank 0 prints
+    evaluations = [r for r in metrics(two) if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 2, 4]
+    assert all(0 < r["val_loss"] < 10 for r in evaluations)
+    assert evaluations[0]["val_loss"] == pytest.approx(metrics(one)[0]["val_loss"], rel=1e-5)
+    assert (two / "best" / "model.safetensors").exists()
+    assert torch.load(two / "last" / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_a_user_error_under_torchrun_is_printed_once(demo_root, tmp_path):
+    """Both ranks meet the mistake; rank 0 alone prints it, and every rank exits with code 1
+    (torchrun then adds its own failure summary, with the exit codes)."""
+    result = torchrun(ROOT / "cleft.py", "--data-root", demo_root, "--out-dir", tmp_path,
+                      "--batch-size", 7, "--num-workers", 0)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: --batch-size 7 is the global batch and must divide by the 2 processes")
+    assert 'cleft.py", line' not in result.stderr  # no traceback from our code
+    # torchrun's summary: each rank exits with 1, unless torchrun stopped the slower one first
+    codes = re.findall(r"exitcode  : (-?\d+)", result.stderr)
+    assert len(codes) == 2 and "1" in codes and set(codes) <= {"1", "-15"}
+
+
+def test_csv_pairs_with_three_validation_images_train(demo_root, tmp_path):
+    """--data csv with a split column: 16 training pairs and 3 validation pairs, batch 8."""
+    splits = cleft.load_splits(cleft.parse_config(["--data-root", str(demo_root)]))
+    rows = [("train", *pair) for pair in splits["train"][:16]]
+    rows += [("val", *pair) for pair in splits["val"][:3]]
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("split", "image", "text"), *rows])  # captions hold commas
+    out = tmp_path / "run"
+    cleft.main(["--data", "csv", "--data-root", str(tmp_path / "pairs.csv"), "--out-dir", str(out),
+                "--text-model", "tiny", "--vision-model", "tiny", "--image-size", "112",
+                "--max-steps", "2", "--eval-every", "2", *FAST])
+    evaluations = [r for r in metrics(out) if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 2]
+    assert all(0 < r["val_loss"] < 10 for r in evaluations)  # 3 pairs: log(3) ~ 1.1 at chance
+    assert (out / "best" / "model.safetensors").exists()
+
+
+def test_validation_scores_fixed_batches_per_pair(demo_root):
+    """The validation loss is the mean over pairs of Eq. 1 within batches of the global batch
+    size, the last one smaller: 17 pairs in batches of 8 are 8 + 8 + 1."""
+    cfg = cleft.parse_config(["--data-root", str(demo_root), "--batch-size", "8",
+                              "--num-workers", "0"])
+    splits = cleft.load_splits(cfg)
+    _, val_loader, test_loader = cleft.make_loaders(splits, cfg, torch.device("cpu"), 1)
+    torch.manual_seed(0)
+    model = cleft.CLEFT(cfg).eval()
+    with torch.no_grad():
+        images = torch.stack([cleft.load_image(path, cfg.image_size) for path, _ in splits["val"]])
+        image_features = model.encode_image(images)
+        text_features = model.encode_text([caption for _, caption in splits["val"]])
+        scale = model.logit_scale.exp()
+        total = 0.0
+        for start in (0, 8, 16):
+            i, t = image_features[start:start + 8], text_features[start:start + 8]
+            logits, targets = scale * i @ t.T, torch.arange(len(i))
+            total += (torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+                      + torch.nn.functional.cross_entropy(logits.T, targets, reduction="sum")) / 2
+    record = cleft.validate(model, val_loader, test_loader, nullcontext(), 8)
+    assert len(splits["val"]) == 17
+    assert record["val_loss"] == pytest.approx(total.item() / 17, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +164,7 @@ def test_torchrun_two_processes_on_cpu(demo_root, tmp_path):
         ),
         (
             ["--data-root", "DEMO", "--batch-size", "100000"],
-            "fewer than one global batch (100000): lower --batch-size",
+            "training needs 100000 (one global batch), validation 1: lower --batch-size",
         ),
         (
             [
