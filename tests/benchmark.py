@@ -183,14 +183,27 @@ SIZES = {
 }
 
 
+# nominal dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets
+NOMINAL_BF16 = {"H100 SXM": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200": 989, "A100": 312,
+                "L40S": 362, "A6000": 155, "A5000": 111, "A10G": 70, "L4": 121}
+
+
+def nominal_flops():
+    """The data-sheet bf16 peak of this GPU (matched by name), or None for an unknown card."""
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else ""
+    for card, tflops in sorted(NOMINAL_BF16.items(), key=lambda item: -len(item[0])):
+        if all(word in name for word in card.split()):
+            return tflops * 1e12
+    return 989e12 if "H100" in name else None  # an H100 of another form: the SXM figure
+
+
 def matmul_flops():
-    """Peak FLOP/s to measure MFU against: the GPU's bf16 dense peak (H100/H200 SXM: 989e12), else
-    this CPU's best fp32 matmul rate (a peak: the fastest of many runs, so a busy moment does not
-    lower it)."""
-    if DEVICE.type == "cuda":
-        return 989e12
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return 2 * 1024**3 / min(timed(lambda: a @ b, 1, warmup=0) for _ in range(50))
+    """Peak FLOP/s to measure MFU against, measured: on a GPU the best rate of a large bf16 matmul,
+    else this CPU's best fp32 matmul rate (a peak: the fastest of many runs, so a busy moment does
+    not lower it)."""
+    n, dtype = (8192, torch.bfloat16) if DEVICE.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / min(timed(lambda: a @ b, 1, warmup=1) for _ in range(20 if n > 1024 else 50))
 
 
 def model_flops(model, images, captions, max_length):
@@ -306,7 +319,7 @@ def build(label, cfg):
 
 
 def stage1(steps, batch):
-    configs = [("tiny", 112), ("mid", 224)] + ([("paper", 224)] if DEVICE.type == "cuda" else [])
+    configs = [("tiny", 112), ("mid", 224)]  # the paper's shapes: part 5, on a GPU
     peak = matmul_flops()
     _, autocast = cleft.autocast_for("auto", DEVICE)
     captions = [
@@ -353,6 +366,7 @@ def stage1(steps, batch):
                         f"{100 * mfu:.1f}%",
                     ]
                 )
+                del model, optimizer, step  # one model at a time
                 gc.collect()
     memory = "peak GPU MiB" if DEVICE.type == "cuda" else "process peak RSS MiB"
     table(
@@ -360,6 +374,83 @@ def stage1(steps, batch):
         ["config", "checkpointing", "text handling", "ms/step", "images/s", memory, "MFU"],
         rows,
     )
+
+
+# ------------------------------------------------------------------- 5. the paper's shapes, GPU
+
+# (global batch, frozen LM weights in bf16, LM recomputed in backward, --peft, checkpointing of
+# both towers, memory cap in GiB or None): the default first, then one change at a time
+PAPER_ROWS = [(36, True, True, "lora", True, None), (36, False, True, "lora", True, None),
+              (36, True, False, "lora", True, None), (72, True, True, "lora", True, None),
+              (72, True, False, "lora", True, None), (36, True, True, "lora", True, 22),
+              (72, True, True, "lora", True, 22), (36, True, True, "prefix", True, 22),
+              (36, True, True, "lora", False, 22)]
+
+
+def paper_shapes(steps, label="paper"):
+    """Stage-1 steps of BioMedLM + DINOv2 ViT-B/14 shapes (random weights, BPE captions of
+    BioMedLM-like length) under bf16 autocast: one model at a time, out-of-memory caught per row,
+    max allocated and reserved memory, MFU against the measured and the nominal bf16 peak. Rows
+    with a cap run under torch.cuda.set_per_process_memory_fraction, to tell a 24 GB card's user
+    what fits. On a CPU, `label` 'tiny' runs the same code on the tiny shapes (a check of the
+    code, not a measurement)."""
+    cuda = DEVICE.type == "cuda"
+    measured, nominal = matmul_flops(), nominal_flops()
+    _, autocast = cleft.autocast_for("bf16", DEVICE)  # on a CPU too: the same code path
+    total = torch.cuda.get_device_properties(DEVICE).total_memory if cuda else 0
+    rows = []
+    for batch, bf16, lm_recompute, peft, checkpointing, cap in PAPER_ROWS:
+        if cuda:  # the cap of this row (1.0: the whole card), and nothing left from the last one
+            fraction = min(1.0, cap * 2**30 / total) if cap else 1.0
+            torch.cuda.set_per_process_memory_fraction(fraction)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        captions = [cleft.CAPTION_PREFIX + CAPTION_NAMES[i % 6] +
+                    (", support devices" if i % 7 == 0 else "") for i in range(batch)]
+        setting = [str(batch), "bf16" if bf16 else "fp32", "on" if lm_recompute else "off", peft,
+                   "on" if checkpointing else "off", f"{cap} GiB" if cap and cuda else "-"]
+        model = optimizer = None
+        try:
+            models = {} if label == "paper" else dict(text_model="tiny", vision_model="tiny")
+            cfg = replace(cleft.parse_config(["--data", "chexpert"]), peft=peft, **models,
+                          grad_checkpointing=checkpointing, image_size=224 if cuda else 112)
+            model = build(label, cfg).train()
+            model = cleft.frozen_to_bf16(model) if bf16 else model
+            if checkpointing and not lm_recompute and peft != "prefix":  # prefix: never on
+                model.text_tower.model.get_base_model().activation_checkpointing_disable()
+            optimizer = cleft.make_optimizer(model, cfg.lr, cfg.weight_decay, fused=cuda)
+            images = torch.rand(batch, 1, cfg.image_size, cfg.image_size, device=DEVICE)
+
+            def step():
+                cleft.train_step(model, images, captions, autocast)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            seconds = timed(step, steps)
+            flops = model_flops(model, images, captions, cfg.max_length) / seconds
+            if cuda:
+                memory = [f"{torch.cuda.max_memory_allocated() / 2**30:.1f}",
+                          f"{torch.cuda.max_memory_reserved() / 2**30:.1f}"]
+            else:
+                memory = [f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}", "-"]
+            mfu = [f"{100 * flops / peak:.1f}%" if peak else "-" for peak in (measured, nominal)]
+            speed = [f"{1000 * seconds:.0f}", f"{batch / seconds:.1f}"]
+            rows.append(setting + speed + memory + mfu)
+        except torch.OutOfMemoryError:
+            rows.append(setting + ["out of memory"] + ["-"] * 5)
+        finally:
+            del model, optimizer
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    peaks = f"measured matmul peak {measured / 1e12:.2f} TFLOP/s, nominal bf16 peak " + (
+        f"{nominal / 1e12:.0f} TFLOP/s" if nominal else "unknown for this device")
+    table(f"5. Stage-1 step, {label} shapes ({peaks})",
+          ["batch", "frozen LM weights", "LM recompute", "peft", "checkpointing", "cap",
+           "ms/step", "images/s", "max allocated GiB" if cuda else "peak RSS GiB",
+           "max reserved GiB", "MFU (measured peak)", "MFU (nominal peak)"], rows)
 
 
 # ------------------------------------------------------------------ 3. stage-2 step, 4. evaluation
@@ -384,14 +475,14 @@ def stage2_and_eval(folder, steps):
     workers = min(4, os.cpu_count() or 1)
     loader = cleft.make_loader(
         cleft.XrayDataset(records, 112),
-        cleft.eval_batches(len(records), 64, pad=True),
+        cleft.eval_batches(len(records), 64),
         workers,
         DEVICE,
     )
     seconds = timed(
-        lambda: cleft.embed_images(model, loader, len(records), nullcontext()), 1, warmup=0
+        lambda: cleft.embed(model, loader, len(records), nullcontext()), 1, warmup=0
     )
-    features, labels = cleft.embed_images(model, loader, 36, nullcontext())
+    features, labels = cleft.embed(model, loader, 36, nullcontext())
     images = torch.stack([cleft.load_image(p, 112) for p, _ in records[:36]]).to(DEVICE)
     labels = torch.tensor([c for _, c in records[:36]], device=DEVICE)
     cached_features = features[:36]
@@ -433,7 +524,9 @@ def main():
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="loader processes in part 1b"
     )
-    parser.add_argument("--parts", default="1234", help="which parts to run")
+    parser.add_argument("--parts", default="12345", help="which parts to run (5: GPU only)")
+    parser.add_argument("--shapes", default="paper", choices=["paper", "tiny", "mid"],
+                        help="part 5's model shapes ('tiny' checks the code on a CPU)")
     args = parser.parse_args()
     print(
         "device: "
@@ -453,6 +546,8 @@ def main():
             text_handling(args.steps, args.batch)
         if "3" in args.parts or "4" in args.parts:
             stage2_and_eval(Path(folder), args.steps)
+        if "5" in args.parts and (DEVICE.type == "cuda" or args.shapes != "paper"):
+            paper_shapes(args.steps, args.shapes)
 
 
 if __name__ == "__main__":
