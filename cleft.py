@@ -597,8 +597,8 @@ def resume_state(cfg):
     if world()[1] > 1:  # every rank decides alike, or none goes on
         dist.all_gather_object(everyone, found)
     if len(set(everyone)) > 1:
-        die(f"{last} exists for some processes, not all: put --out-dir on a file system that "
-            "every node shares.")
+        die(f"some processes see a checkpoint in {last} and others do not: put --out-dir on a "
+            "file system that every node shares.")
     if not (cfg.resume or found):
         return None
     saved, bookkeeping = load_config(last), ("resume", "num_workers", "image_cache", "log_every",

@@ -50,3 +50,14 @@ def test_two_processes_equal_one(tmp_path, multi_positive, accum_steps):
     for name in grads:  # projections, image tower, LoRA and the temperature
         torch.testing.assert_close(two["grads"][name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert grads["logit_scale"].abs() > 0
+
+
+def test_ranks_that_disagree_about_resuming_all_stop(tmp_path):
+    """Rank 1 sees OUT/last/ and rank 0 does not: neither goes on alone (one would wait for the
+    other until the timeout); rank 0 prints the one message, rank 1 exits silently with code 1."""
+    result = torchrun(TESTS / "resume_worker.py", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "rank0.txt").read_text() == (
+        f"exit error: some processes see a checkpoint in {tmp_path / 'node0' / 'last'} and others "
+        "do not: put --out-dir on a file system that every node shares.")
+    assert (tmp_path / "rank1.txt").read_text() == "exit 1"

@@ -55,8 +55,8 @@ def start(args, torchrun=False):
 
 
 def finish(process):
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
+    stdout, process.stderr_text = process.communicate(timeout=300)
+    assert process.returncode == 0, process.stderr_text[-3000:]
     return stdout
 
 
@@ -227,12 +227,13 @@ def test_best_is_never_replaced_by_a_worse_run_and_nan_is_never_saved(
 @pytest.fixture
 def damaged_demo(demo_root, tmp_path):
     """A copy of the small demo in which two images of the first training batch are damaged (one
-    truncated, one missing), and one validation and one 5x200 test image are missing."""
+    truncated, in rank 0's half under 2 processes; one missing, in rank 1's), and one validation
+    and one 5x200 test image are missing."""
     root = tmp_path / "demo"
     shutil.copytree(demo_root, root)
     splits = cleft.load_splits(cleft.parse_config(["--data-root", str(root)]))
     first_batch = next(iter(cleft.TrainBatches(len(splits["train"]), 8, seed=42)))
-    truncated, missing = (Path(splits["train"][i][0]) for i, _ in first_batch[:2])
+    truncated, missing = (Path(splits["train"][first_batch[k][0]][0]) for k in (0, 5))
     truncated.write_bytes(truncated.read_bytes()[:300])
     missing.unlink()
     for name in ("val", "test"):
@@ -251,6 +252,17 @@ def test_unreadable_images_are_skipped_counted_and_reported(damaged_demo, tmp_pa
     assert all(line.startswith("warning: ") for line in result.stderr.splitlines()
                if "unreadable" in line)  # never glued to a progress bar's line
     assert "skipped in this run: 4 unreadable image(s)" in result.stdout
+
+
+def test_unreadable_images_are_reported_once_by_rank_0_under_torchrun(damaged_demo, tmp_path):
+    """Rank 1's unreadable training image reaches the user through rank 0, once, like the rest."""
+    root, *damaged = damaged_demo
+    process = start(["--data-root", root, "--out-dir", tmp_path / "run", "--max-steps", 4,
+                     "--eval-every", 2, *FAST], torchrun=True)
+    stdout = finish(process)
+    for path in damaged:
+        assert process.stderr_text.count(f"warning: skipping unreadable image {path} (") == 1
+    assert "skipped in this run: 4 unreadable image(s)" in stdout
 
 
 def test_strict_data_stops_at_the_first_unreadable_image(damaged_demo, tmp_path):
