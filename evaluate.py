@@ -103,7 +103,8 @@ def chexpert5x200_data(cfg):
     if dropped := len(read_csv(root / "chexpert_5x200.csv", ["Path"])) - len(splits["test"]):
         print0(f"note: {dropped} rows of chexpert_5x200.csv break the 5x200 rule (an uncertain -1, "
                "two of the classes, or another finding present) and are left out")
-    pairs = [(r["image"], caption_from_labels(r)) for r in chexpert_rows(root, cfg.val_fraction)["val"]]
+    val = chexpert_rows(root, cfg.val_fraction)["val"]
+    pairs = [(r["image"], caption_from_labels(r)) for r in val]
     texts = [name.lower() for name in FIVE_CLASSES]
     return EvalData(FIVE_CLASSES, [CAPTION_PREFIX + t for t in texts], texts, splits, pairs)
 
