@@ -21,12 +21,11 @@ import os
 import pickle
 import random
 import re
-import shutil
 import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -680,7 +679,8 @@ def main(argv=None):
     print0(f"trained parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     device_ids = None if device.type == "cpu" else [device.index]  # DDP trains, the model is saved
     ddp_model = DistributedDataParallel(model, device_ids) if world_size > 1 else model
-    metrics = start_metrics(out_dir / "metrics.jsonl", state and start_step) if rank == 0 else None
+    resumed = start_step if state else None  # metrics.jsonl keeps its lines up to that step
+    metrics = start_metrics(out_dir / "metrics.jsonl", resumed) if rank == 0 else None
     progress = tqdm(total=cfg.max_steps, initial=start_step, disable=rank != 0, desc="train")
 
     UNREADABLE.clear()
