@@ -679,8 +679,7 @@ def main(argv=None):
     print0(f"trained parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     device_ids = None if device.type == "cpu" else [device.index]  # DDP trains, the model is saved
     ddp_model = DistributedDataParallel(model, device_ids) if world_size > 1 else model
-    resumed = start_step if state else None  # metrics.jsonl keeps its lines up to that step
-    metrics = start_metrics(out_dir / "metrics.jsonl", resumed) if rank == 0 else None
+    metrics = start_metrics(out_dir / "metrics.jsonl", state and start_step) if rank == 0 else None
     progress = tqdm(total=cfg.max_steps, initial=start_step, disable=rank != 0, desc="train")
 
     UNREADABLE.clear()
@@ -710,8 +709,9 @@ def main(argv=None):
             group["lr"] = lr
         images, captions, skipped = next(train_loader)
         if cfg.strict_data and any(skipped):  # this rank's batch alone: it stops the run
+            first = next(text for text in skipped if text).splitlines()[0]
             progress.close()
-            die(f"unreadable image {[s for s in skipped if s][0]} at step {step} (--strict-data): "
+            die(f"unreadable image {first} at step {step} (--strict-data): "
                 "fix or remove it, or drop --strict-data to skip such images.", this_rank_only=True)
         unreadable += skipped
         # dropout masks depend on (seed, step, rank) alone: a resumed run draws the same ones
