@@ -43,7 +43,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from grad_cache import gradient_cache_step
 from checkpoints import saved_folder, save_checkpoint, start_metrics, trained_weights
-from image_io import UNREADABLE, read_xray, report_unreadable
+from image_io import UNREADABLE, read_xray, report_unreadable, usable_cache
 
 # peft 0.21 uses two arguments that transformers deprecates: hidden, as they are not ours to change
 warnings.filterwarnings("ignore", "`(is_gradient_checkpointing|past_key_values)` is deprecated")
@@ -306,8 +306,8 @@ class XrayDataset(Dataset):
     (error)' lines of the unreadable images it stands in for: the caller reports them, once)."""
 
     def __init__(self, records, image_size, hflip=False, affine=True, cache=""):
-        self.records, self.image_size, self.cache = records, image_size, cache
-        self.hflip, self.affine = hflip, affine
+        self.records, self.image_size, self.hflip, self.affine = records, image_size, hflip, affine
+        self.cache = usable_cache(cache)  # '' if that folder cannot be written
 
     def __len__(self):
         return len(self.records)

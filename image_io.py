@@ -9,6 +9,7 @@ returns into the model's input view.
 import hashlib
 import os
 import sys
+import tempfile
 import uuid
 import warnings
 from contextlib import suppress
@@ -20,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 UNREADABLE = set()  # 'path (error)' of every unreadable image met in this run, on every rank
+UNUSABLE = set()  # image cache folders found unwritable (each is reported once)
 
 
 def read_xray(path, size, cache=""):
@@ -48,6 +50,23 @@ def decode_xray(path, size):
     return image.reduce(factor) if factor > 1 else image
 
 
+def usable_cache(cache):
+    """`cache`, or '' when that folder cannot be written: checked once, in the main process of
+    each rank (rank 0 says so, above the progress bar); images are then decoded each time, which
+    costs speed, never an image."""
+    try:
+        if cache:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=cache).close()
+        return cache
+    except OSError as error:
+        if cache not in UNUSABLE and (not dist.is_initialized() or dist.get_rank() == 0):
+            tqdm.write(f"warning: cannot write to the image cache {cache} ({error.strerror}): "
+                       "images are decoded without it", file=sys.stderr)
+        UNUSABLE.add(cache)
+        return ""
+
+
 def cached_xray(path, size, cache):
     """decode_xray through a folder of .npy files keyed by path, size and modification time: the
     first read stores the decoded image, later reads load it. Entries are written under a unique
@@ -65,7 +84,7 @@ def cached_xray(path, size, cache):
         with open(temp, "wb") as f:
             np.save(f, np.asarray(image))
         os.replace(temp, file)
-    except OSError as error:
+    except OSError as error:  # the disk filled up mid-run: a loader worker's rare warning
         warnings.warn(f"cannot write to the image cache {cache} ({error.strerror}): images are "
                       "decoded without it")
         with suppress(OSError):

@@ -253,7 +253,7 @@ def test_image_cache_gives_the_same_views_without_decoding_again(tmp_path, monke
     )
 
 
-def test_an_unwritable_image_cache_costs_speed_not_images(tmp_path, monkeypatch):
+def test_an_unwritable_image_cache_costs_speed_not_images(tmp_path, monkeypatch, capsys):
     Image.fromarray(np.full((80, 80), 200, np.uint8)).save(tmp_path / "a.png")
     expected = cleft.load_image(tmp_path / "a.png", 64)
     (tmp_path / "cache").write_text("a file where the cache folder should be")
@@ -261,6 +261,13 @@ def test_an_unwritable_image_cache_costs_speed_not_images(tmp_path, monkeypatch)
         torch.testing.assert_close(
             cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache"), expected
         )
+    # a dataset checks its folder once, in the main process: one warning, above the progress bar
+    # (not from each loader worker), and no cache
+    for _ in range(2):
+        records = [(str(tmp_path / "a.png"), 0)]
+        assert cleft.XrayDataset(records, 64, cache=str(tmp_path / "cache")).cache == ""
+    assert capsys.readouterr().err.count("warning: cannot write to the image cache") == 1
+    assert cleft.XrayDataset([], 64, cache=str(tmp_path / "ok")).cache == str(tmp_path / "ok")
 
     def disk_full(file, array):
         file.write(b"partial")
