@@ -50,6 +50,10 @@ def decode_xray(path, size):
     return image.reduce(factor) if factor > 1 else image
 
 
+def rank_0():  # this process prints the run's messages: plain python, or rank 0 under torchrun
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def usable_cache(cache):
     """`cache`, or '' when that folder cannot be written: checked once, in the main process of
     each rank (rank 0 says so, above the progress bar); images are then decoded each time, which
@@ -60,7 +64,7 @@ def usable_cache(cache):
             tempfile.TemporaryFile(dir=cache).close()
         return cache
     except OSError as error:
-        if cache not in UNUSABLE and (not dist.is_initialized() or dist.get_rank() == 0):
+        if cache not in UNUSABLE and rank_0():
             tqdm.write(f"warning: cannot write to the image cache {cache} ({error.strerror}): "
                        "images are decoded without it", file=sys.stderr)
         UNUSABLE.add(cache)
@@ -101,7 +105,7 @@ def report_unreadable(messages):
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, new)
         new = set().union(*everyone)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank_0():
         for line in sorted(new - UNREADABLE):
             tqdm.write(f"warning: skipping unreadable image {line}", file=sys.stderr)
             sys.stderr.flush()

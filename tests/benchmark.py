@@ -152,6 +152,13 @@ def input_pipeline(folder, n, workers, batch=36, batches=6):
 CAPTION_NAMES = ["atelectasis", "cardiomegaly", "consolidation", "edema", "pleural effusion",
                  "no finding"]
 
+
+def batch_captions(batch):
+    """Label captions as CheXpert's give them: six findings in turn, every 7th with a second."""
+    second = lambda i: ", support devices" if i % 7 == 0 else ""
+    return [cleft.CAPTION_PREFIX + CAPTION_NAMES[i % 6] + second(i) for i in range(batch)]
+
+
 # architectures built like the tiny ones (random, offline, byte-level tokens) by swapping
 # demo.TINY's entries
 SIZES = {
@@ -279,8 +286,7 @@ def text_handling(steps, batch):
     """The text tower alone (forward and backward, LoRA, no checkpointing): ours (each distinct
     caption once, padded to the longest) against the public code's (all padded to 64), with the
     byte-level tokens and with realistic BPE lengths."""
-    captions = [cleft.CAPTION_PREFIX + CAPTION_NAMES[i % 6] +
-                (", support devices" if i % 7 == 0 else "") for i in range(batch)]
+    captions = batch_captions(batch)
     bpe, rows = caption_tokenizer(), []
     for label in ("tiny", "mid"):
         model_type, config = {**demo.TINY, **SIZES[label]}[("tiny", "text")]
@@ -322,10 +328,7 @@ def stage1(steps, batch):
     configs = [("tiny", 112), ("mid", 224)]  # the paper's shapes: part 5, on a GPU
     peak = matmul_flops()
     _, autocast = cleft.autocast_for("auto", DEVICE)
-    captions = [
-        cleft.CAPTION_PREFIX + CAPTION_NAMES[i % 6] + (", support devices" if i % 7 == 0 else "")
-        for i in range(batch)
-    ]
+    captions = batch_captions(batch)
     rows = []
     for label, size in configs:
         for checkpointing in (True, False):
@@ -405,8 +408,7 @@ def paper_shapes(steps, label="paper"):
             torch.cuda.set_per_process_memory_fraction(fraction)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        captions = [cleft.CAPTION_PREFIX + CAPTION_NAMES[i % 6] +
-                    (", support devices" if i % 7 == 0 else "") for i in range(batch)]
+        captions = batch_captions(batch)
         setting = [str(batch), "bf16" if bf16 else "fp32", "on" if lm_recompute else "off", peft,
                    "on" if checkpointing else "off", f"{cap} GiB" if cap and cuda else "-"]
         model = optimizer = None
