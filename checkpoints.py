@@ -1,8 +1,9 @@
 """
 A run's files, written so that a crash never loses work: a checkpoint folder is written whole as
 DIR.tmp and renamed into place (a crash between the two renames leaves DIR.old, which loading
-falls back to), and OUT/metrics.jsonl is cut back to the checkpoint's step on resume. cleft.py
-says what a checkpoint holds and loads it; this is how the files are written. Not the method.
+falls back to), OUT/metrics.jsonl is cut back to the checkpoint's step on resume, and stage 2's
+prompt file is written under a temporary name and renamed. cleft.py says what a checkpoint holds
+and loads it; this is how the files are written. Not the method.
 """
 
 import json
@@ -12,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -56,3 +58,17 @@ def start_metrics(path, resumed_step=None):
     kept = [line + "\n" for line in lines if line and json.loads(line)["step"] <= resumed_step]
     path.write_text("".join(kept))
     return path
+
+
+def save_prompt(path, context, classes, cfg):
+    """Stage 2's learned context (L, H), with its class names and config, to a safetensors file."""
+    tmp = Path(f"{path}.tmp")
+    save_file({"context": context.detach().cpu().contiguous()}, tmp,
+              metadata={"classes": json.dumps(classes), "config": json.dumps(asdict(cfg))})
+    os.replace(tmp, path)
+
+
+def load_prompt(path):
+    """(context (L, H), class names) from a file written by save_prompt."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("context"), json.loads(f.metadata()["classes"])

@@ -2,8 +2,7 @@
 (Du, Chang, Dvornek, MICCAI 2024). The text tower is BioMedLM (GPT-2 architecture) with LoRA, the
 image tower is DINOv2 ViT-B/14, and both meet in a 512-d space under a symmetric InfoNCE loss.
 
-Demo (offline: synthetic CheXpert-layout data, tiny random models, a minute or two on a CPU):
-    python cleft.py
+The offline demo (synthetic CheXpert-layout data, tiny random models, minutes on a CPU) is demo.py.
 CheXpert on one GPU, then on two (several nodes: add --nnodes, --node_rank, --rdzv-endpoint):
     python cleft.py --data chexpert --data-root /data/chexpert
     torchrun --nproc_per_node=2 cleft.py --data chexpert --data-root /data/chexpert
@@ -26,24 +25,24 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
-from PIL import Image
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from grad_cache import gradient_cache_step
 from checkpoints import saved_folder, save_checkpoint, start_metrics, trained_weights
-from image_io import UNREADABLE, read_xray, report_unreadable, usable_cache
+from image_io import UNREADABLE, XrayDataset, report_unreadable
 
 # peft 0.21 uses two arguments that transformers deprecates: hidden, as they are not ours to change
 warnings.filterwarnings("ignore", "`(is_gradient_checkpointing|past_key_values)` is deprecated")
@@ -55,8 +54,8 @@ def arg(default, help, choices=None):
 @dataclass
 class Config:
     # data
-    data: str = arg("demo", "dataset", ["demo", "chexpert", "csv"])
-    data_root: str = arg("", "CheXpert folder, the pairs CSV, or where the demo goes (data/demo)")
+    data: str = arg("chexpert", "dataset", ["chexpert", "csv"])
+    data_root: str = arg("", "the CheXpert folder (with train.csv), or the pairs CSV (--data csv)")
     image_size: int = arg(224, "square input side in pixels (paper: 224)")
     augment: str = arg("cleft", "cleft: zoom, rotate, shift; clip: none", ["cleft", "clip"])
     hflip: bool = arg(False, "random horizontal flips (off: laterality matters in chest X-rays)")
@@ -67,8 +66,8 @@ class Config:
     val_fraction: float = arg(0.05, "patients held out for validation (csv without a split column)")
     # model
     preset: str = arg("", "a named set of defaults (explicit flags win)", ["", "medclip-vit-l"])
-    text_model: str = arg("stanford-crfm/BioMedLM", "hub id, local directory, tiny or tiny-bert")
-    vision_model: str = arg("facebook/dinov2-base", "hub id, local directory, or tiny")
+    text_model: str = arg("stanford-crfm/BioMedLM", "hub id or local save_pretrained folder")
+    vision_model: str = arg("facebook/dinov2-base", "hub id or local save_pretrained folder")
     peft: str = arg("lora", "adapter on the frozen LM (Table 3)", ["lora", "ia3", "prefix", "none"])
     lora_r: int = arg(8, "LoRA rank (paper: 8)")
     lora_alpha: int = arg(32, "LoRA alpha (paper: 32)")
@@ -108,23 +107,20 @@ PRESETS = {"medclip-vit-l": dict(
     batch_size=4096, augment="clip", hflip=True)}
 
 def parse_config(argv=None, config_class=Config, description=__doc__):
-    """Fill `config_class` from the command line: flags win over a preset and the demo defaults."""
+    """Fill `config_class` from the command line: flags win over a preset's defaults."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=description, formatter_class=formatter)
     for f in fields(config_class):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        flag = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"]
         if f.type is bool:  # --flag / --no-flag
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
             parser.add_argument(flag, type=f.type, choices=f.metadata["choices"],
                                 help=f"{help} (default: {f.default})")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    defaults = PRESETS.get(given.get("preset"), {})
-    if given.get("data", config_class.data) == "demo":
-        import demo  # smaller data and tiny models, so the demo runs in minutes on a CPU
-        defaults = {**defaults, **demo.DEFAULTS[config_class.__name__],
-                    **demo.PRESET_DEFAULTS.get(given.get("preset"), {})}
-    return config_class(**{**defaults, **given})
+    preset = PRESETS.get(given.get("preset"), {})
+    return config_class(**{**preset, **given})
 
 def changed_fields(cfg):  # the fields that differ from the dataclass's defaults
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
@@ -134,8 +130,8 @@ def die(message, this_rank_only=False):
     Under torchrun rank 0 alone prints it, unless this rank alone met the problem."""
     if dist.is_initialized():  # released first: gloo can abort at exit while it is alive
         dist.destroy_process_group()
-    raise SystemExit(f"error: {message}" if this_rank_only or os.environ.get("RANK", "0") == "0"
-                     else 1)
+    speaks = this_rank_only or os.environ.get("RANK", "0") == "0"
+    raise SystemExit(f"error: {message}" if speaks else 1)  # exit code 1 either way
 
 # --- Distributed setup: torchrun sets RANK; plain `python cleft.py` is a world of one
 def setup_distributed():  # (rank, world_size, device): nccl on CUDA, gloo on CPU
@@ -146,6 +142,8 @@ def setup_distributed():  # (rank, world_size, device): nccl on CUDA, gloo on CP
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() > 0:  # the library's model-loading bars: rank 0's alone
+        hf_logging.disable_progress_bar()
     return dist.get_rank(), dist.get_world_size(), device
 
 def autocast_for(dtype, device):
@@ -172,8 +170,7 @@ def to_device(tensor, device):  # a host tensor, copied with no wait: the host r
     return (tensor.pin_memory() if device.type == "cuda" else tensor).to(device, non_blocking=True)
 
 class GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums the gradient of every rank's copy and hands each
-    rank the slice of its own rows: the local rows keep their gradient, and nothing is lost."""
+    """all_gather of rows; its backward sums every rank's gradient and keeps this rank's rows'."""
 
     @staticmethod
     def forward(ctx, x):
@@ -190,7 +187,8 @@ class GatherWithGrad(torch.autograd.Function):
 def all_gather_rows(x):  # x from every rank in rank order (all ranks call this)
     return GatherWithGrad.apply(x) if world()[1] > 1 else x
 
-# --- Data: CheXpert captions and the 5x200 rule, CSV pairs, patient split, images, samplers
+# --- Data: CheXpert captions and the 5x200 rule, CSV pairs, patient split, samplers
+# (image_io.py turns an X-ray file into the model's input view, or reports it unreadable)
 # label columns of CheXpert's train.csv, in the header's order
 FINDINGS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
             "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
@@ -233,7 +231,10 @@ def read_csv(path, columns):
         if missing := [c for c in columns if c not in (reader.fieldnames or [])]:
             die(f"{path} lacks the column(s) {missing}: point --data-root at a file with the "
                 "expected header (see README).")
-        return list(reader)
+        rows = list(reader)
+    if not rows:
+        die(f"{path} has a header and no rows: point --data-root at a file with data.")
+    return rows
 
 def split_by_patient(rows, fraction, key=lambda row: patient_id(row["Path"])):
     """(train, val): `fraction` of the patients, drawn with seed 0, go to val."""
@@ -244,11 +245,10 @@ def split_by_patient(rows, fraction, key=lambda row: patient_id(row["Path"])):
 
 def chexpert_rows(root, val_fraction=0.05):
     """Frontal rows of a CheXpert folder, {'train', 'val', 'test' (chexpert_5x200.csv)}."""
-    if not str(root):
-        die("--data chexpert needs --data-root: the CheXpert folder that holds train.csv.")
-    root, test = Path(root), []
+    root = Path(root)
     rows = [r for r in read_csv(root / "train.csv", CHEXPERT_COLUMNS)
             if r["Frontal/Lateral"] == "Frontal"]
+    test = []
     if (root / "chexpert_5x200.csv").exists():
         test = [r for r in read_csv(root / "chexpert_5x200.csv", CHEXPERT_COLUMNS)
                 if five_class_index(r) is not None]
@@ -261,15 +261,15 @@ def chexpert_rows(root, val_fraction=0.05):
 
 def load_splits(cfg):
     """{'train': [(path, caption)], 'val': [(path, caption)], 'test': [(path, class index)]}."""
-    if cfg.data == "demo":  # written once, in CheXpert's layout
-        import demo
-        demo.prepare(cfg.data_root)
+    if not cfg.data_root:
+        die("no data: pass --data-root, the CheXpert folder (with train.csv) or with --data csv "
+            "a CSV of image,text pairs; `python demo.py` runs the offline demo.")
     if cfg.data == "csv":
-        if not cfg.data_root:
-            die("--data csv needs --data-root: the CSV file with image and text columns.")
-        rows, folder = read_csv(cfg.data_root, ["image", "text"]), Path(cfg.data_root).parent
+        rows = read_csv(cfg.data_root, ["image", "text"])
+        folder = Path(cfg.data_root).parent  # image paths are relative to the CSV
         if "split" not in rows[0]:  # a split column (train/val; other rows unused) is kept as is
-            for row in split_by_patient(rows, cfg.val_fraction, key=lambda r: r["image"])[1]:
+            _, held_out = split_by_patient(rows, cfg.val_fraction, key=lambda r: r["image"])
+            for row in held_out:
                 row["split"] = "val"
         pairs = lambda name: [(str(folder / r["image"]), r["text"]) for r in rows
                               if r.get("split", "train") == name]
@@ -278,51 +278,6 @@ def load_splits(cfg):
     return {"train": [(r["image"], caption_from_labels(r)) for r in splits["train"]],
             "val": [(r["image"], caption_from_labels(r)) for r in splits["val"]],
             "test": [(r["image"], five_class_index(r)) for r in splits["test"]]}
-
-def load_image(path, size, rng=None, hflip=False, affine=True, cache=""):
-    """A (1, size, size) tensor in [0, 1]: the X-ray padded with black to a square (the whole chest
-    in view), scaled. rng=None: the evaluation view; else jitter and (affine) zoom/rotate/shift."""
-    image = read_xray(path, size, cache)  # grayscale, decoded at reduced size (image_io.py)
-    square = Image.new("L", (max(image.size),) * 2)  # black
-    square.paste(image, ((square.width - image.width) // 2, (square.height - image.height) // 2))
-    affine = affine and rng is not None
-    side = round(size * (rng.uniform(1.0, 1.15) if affine else 1.0))  # the zoomed square
-    image = square.resize((side, side), Image.Resampling.BILINEAR)
-    if affine:
-        image = image.rotate(rng.uniform(-10, 10), Image.Resampling.BILINEAR)
-        left, top = rng.integers(0, side - size + 1, size=2)
-    else:
-        left = top = (side - size) // 2
-    pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255
-    if rng:
-        mean = pixels.mean()
-        pixels = (pixels - mean) * rng.uniform(0.8, 1.2) + mean * rng.uniform(0.8, 1.2)
-        pixels = np.clip(pixels[:, ::-1] if hflip and rng.random() < 0.5 else pixels, 0, 1)
-    # one channel: a third of the bytes through the loader; the image tower makes it three
-    return torch.from_numpy(np.ascontiguousarray(pixels))[None]  # (1, S, S)
-
-class XrayDataset(Dataset):
-    """(path, target) records; item (index, augmentation seed or None) -> (image, target, 'path
-    (error)' lines of the unreadable images it stands in for: the caller reports them, once)."""
-
-    def __init__(self, records, image_size, hflip=False, affine=True, cache=""):
-        self.records, self.image_size, self.hflip, self.affine = records, image_size, hflip, affine
-        self.cache = usable_cache(cache)  # '' if that folder cannot be written
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, item):
-        index, aug_seed = item
-        rng, unreadable = np.random.default_rng(aug_seed) if aug_seed else None, []
-        for offset in range(len(self)):  # unreadable: the next stands in, batches stay full
-            path, target = self.records[(index + offset) % len(self)]
-            try:
-                image = load_image(path, self.image_size, rng, self.hflip, self.affine, self.cache)
-                return image, target, "\n".join(unreadable)
-            except (OSError, ValueError) as error:  # missing, truncated or corrupt
-                unreadable.append(f"{path} ({error})")
-        raise RuntimeError(f"none of the {len(self)} images can be read: check --data-root.")
 
 class TrainBatches(Sampler):
     """Endless batches of (index, augmentation seed) for one rank: global batch `step` is a slice
@@ -333,7 +288,8 @@ class TrainBatches(Sampler):
         self.steps_per_epoch = n // batch_size
 
     def __iter__(self):
-        rank, per_rank = world()[0], self.batch_size // world()[1]
+        rank = world()[0]
+        per_rank = self.batch_size // world()[1]  # this rank's share of each global batch
         for step in range(self.start_step, sys.maxsize):
             epoch = step // self.steps_per_epoch
             if step == self.start_step or step % self.steps_per_epoch == 0:
@@ -345,7 +301,8 @@ class TrainBatches(Sampler):
 def eval_batches(n, batch_size):
     """This rank's share of fixed-order global batches over n items, the last one padded with
     repeats of item n - 1 that callers trim (every rank gathers batches of the same size)."""
-    rank, per_rank = world()[0], batch_size // world()[1]
+    rank = world()[0]
+    per_rank = batch_size // world()[1]
     indices = list(range(n)) + [n - 1] * (-n % batch_size)
     return [[(i, None) for i in indices[start + rank * per_rank:start + (rank + 1) * per_rank]]
             for start in range(0, len(indices), batch_size)]
@@ -354,6 +311,8 @@ def make_loader(dataset, batches, num_workers, device, persistent=False):
     if num_workers < 0:  # the node's cores shared among its ranks, one left for each rank
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         num_workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+    # a generator of its own: starting the workers draws nothing from the global RNG, so when a
+    # loader starts changes neither the model's initialisation nor anything seeded after it
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                       pin_memory=device.type == "cuda", generator=torch.Generator(),
                       persistent_workers=persistent and num_workers > 0)
@@ -368,47 +327,42 @@ def make_loaders(splits, cfg, device, world_size, start_step=0):
         die(f"{len(splits['train'])} train and {len(splits['val'])} val images after filtering; "
             f"training needs {cfg.batch_size} (one global batch), validation 1: lower --batch-size "
             "or check --data-root.")
-    loader = lambda name, batches, **kw: make_loader(
-        XrayDataset(splits[name], cfg.image_size, cache=cfg.image_cache, **kw), batches,
-        cfg.num_workers, device, persistent=name == "train")
+
+    def loader(name, batches, **augmentation):
+        dataset = XrayDataset(splits[name], cfg.image_size, cache=cfg.image_cache, **augmentation)
+        return make_loader(dataset, batches, cfg.num_workers, device, persistent=name == "train")
+
     batches = TrainBatches(len(splits["train"]), cfg.batch_size, cfg.seed, start_step)
     return (iter(loader("train", batches, hflip=cfg.hflip, affine=cfg.augment == "cleft")),
             loader("val", eval_batches(len(splits["val"]), cfg.batch_size)),
             loader("test", eval_batches(len(splits["test"]), cfg.batch_size)))
 
 # --- Model: image tower (DINOv2), text tower (frozen causal LM + PEFT), CLEFT = both + projections
-def load_pretrained(name, kind, weights=True):
-    """(model, tokenizer or None) from a hub id or a save_pretrained directory."""
-    if name.startswith("tiny"):
-        import demo
-        return demo.tiny_pretrained(name, kind)
+def load_pretrained(name, kind):
+    """(model, tokenizer; None for kind 'vision') from a hub id or a save_pretrained folder, in
+    fp32. A model that cannot be loaded raises OSError, with the fix."""
     try:
-        if not weights:
-            import dry_run  # the stored architectures
-            return AutoModel.from_config(dry_run.architecture(name)), None
         model = AutoModel.from_pretrained(name, dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(name) if kind == "text" else None
     except (OSError, ValueError) as error:
-        die(f"cannot load the {kind} model '{name}' ({str(error).splitlines()[0]}): download it "
-            "once with network access (or unset HF_HUB_OFFLINE), pass a local save_pretrained "
-            f"directory, or use --{kind}-model tiny.")
-
-def enable_checkpointing(model):
-    model.config.use_cache = False
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        raise OSError(f"cannot load the {kind} model '{name}' ({str(error).splitlines()[0]}): "
+                      "download it once with network access (or unset HF_HUB_OFFLINE), or pass "
+                      "a local save_pretrained folder") from None
 
 class ImageTower(nn.Module):
     """DINOv2; the image feature is the mean of the last block's tokens, final norm removed."""
 
-    def __init__(self, name, checkpointing=True, weights=True):
+    def __init__(self, vit, checkpointing=True):
         super().__init__()
-        self.model, _ = load_pretrained(name, "vision", weights)
+        self.model = vit
+        # as the public code: the tokens of the last block as they are, without DINOv2's final
+        # LayerNorm (its scale and shift are left to the trained projection that follows)
         self.model.layernorm = nn.Identity()
         # used only by masked-image pre-training; DDP fails on a trained tensor with no gradient
         self.model.embeddings.mask_token.requires_grad_(False)
-        self.width = self.model.config.hidden_size
-        if checkpointing:
-            enable_checkpointing(self.model)
+        self.width = vit.config.hidden_size
+        if checkpointing:  # activations recomputed in the backward (non-reentrant: the default)
+            vit.activation_checkpointing_enable()
         statistics = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # ImageNet's
         for name, values in statistics.items():  # buffers: moved once with the model
             self.register_buffer(name, torch.tensor(values).view(3, 1, 1), persistent=False)
@@ -431,42 +385,30 @@ def adapter_config(kind, lora_r=8, lora_alpha=32, lora_dropout=0.1, prefix_token
 class TextTower(nn.Module):
     """A causal LM read at the end-of-sequence token: with causal attention, the one position that
     has seen the whole caption (paper 2.1). The LM is frozen unless train_lm; the adapter (a peft
-    config) is what is trained. An encoder such as BERT is read at [CLS] instead."""
+    config) is what is trained."""
 
-    def __init__(self, name, adapter=None, max_length=64, train_lm=False, train_embeddings=False,
-                 checkpointing=True, weights=True):
+    def __init__(self, lm, tokenizer, adapter=None, max_length=64, train_lm=False,
+                 checkpointing=True):
         super().__init__()
-        model, tokenizer = load_pretrained(name, "text", weights)  # no weights, no tokenizer
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.width = model.config.hidden_size
-        self.read_cls = tokenizer is not None and tokenizer.cls_token is not None
-        self.eos_id = tokenizer.eos_token_id if tokenizer else None
-        self.pad_id = tokenizer.pad_token_id if tokenizer and tokenizer.pad_token else self.eos_id
-        if getattr(model, "pooler", None) is not None:  # BERT's pooler: unused by [CLS] pooling,
-            model.pooler = None  # and DDP fails on a trained tensor that never gets a gradient
-        model.requires_grad_(train_lm)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.width = lm.config.hidden_size
+        lm.requires_grad_(train_lm)
         if checkpointing and getattr(adapter, "peft_type", "") != "PREFIX_TUNING":  # peft: not both
-            enable_checkpointing(model)
-        if adapter is not None:
-            model = get_peft_model(model, adapter)
-        if train_embeddings:
-            model.get_input_embeddings().requires_grad_(True)
-        self.model = model
+            lm.config.use_cache = False  # no key/value cache to keep: every caption is seen whole
+            lm.activation_checkpointing_enable()  # non-reentrant, as for the image tower
+        self.model = lm if adapter is None else get_peft_model(lm, adapter)
 
     def tokenize(self, captions):
-        """(input_ids (B, T), attention_mask (B, T), pooled positions (B,)), right-padded to the
-        longest caption only. Causal LM: an EOS appended, kept under truncation, pooled there.
-        Encoder: the tokenizer's own [CLS] ... [SEP], pooled at [CLS] (position 0)."""
-        if self.read_cls:
-            ids = self.tokenizer(captions, truncation=True, max_length=self.max_length)["input_ids"]
-        else:
-            ids = self.tokenizer(captions, add_special_tokens=False)["input_ids"]
-            ids = [x[:self.max_length - 1] + [self.eos_id] for x in ids]
+        """(input_ids (B, T), attention_mask (B, T), EOS positions (B,)): an EOS appended and kept
+        under truncation, right-padded to the longest caption only (GPT-2 pads with its EOS)."""
+        eos_id = self.tokenizer.eos_token_id
+        ids = self.tokenizer(captions, add_special_tokens=False)["input_ids"]
+        ids = [x[:self.max_length - 1] + [eos_id] for x in ids]
         longest = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [self.pad_id] * (longest - len(x)) for x in ids])
+        input_ids = torch.tensor([x + [eos_id] * (longest - len(x)) for x in ids])
         attention_mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids])
-        positions = torch.tensor([0 if self.read_cls else len(x) - 1 for x in ids])
-        return input_ids, attention_mask, positions
+        return input_ids, attention_mask, torch.tensor([len(x) - 1 for x in ids])
 
     def forward(self, captions):  # list of B strings -> (B, width)
         unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # labels repeat: once each
@@ -480,18 +422,28 @@ class TextTower(nn.Module):
         hidden = self.model(**inputs).last_hidden_state  # (B, T, width)
         return hidden[torch.arange(len(hidden), device=hidden.device), eos_positions]
 
+class EncoderTextTower(TextTower):
+    """An encoder such as BERT (the Med-CLIP preset), read at [CLS]. Its pooler is dropped: [CLS]
+    pooling leaves it unused, and DDP fails on a trained tensor that never gets a gradient."""
+
+    def __init__(self, encoder, *args, **kwargs):
+        encoder.pooler = None
+        super().__init__(encoder, *args, **kwargs)
+
+    def tokenize(self, captions):  # the tokenizer's own [CLS] ... [SEP], padded; [CLS] is read
+        batch = self.tokenizer(captions, truncation=True, max_length=self.max_length,
+                               padding=True, return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"], torch.zeros(len(captions), dtype=int)
+
 class CLEFT(nn.Module):
     """Both towers, their projections to the shared space, and the learnable temperature."""
 
-    def __init__(self, cfg, weights=True):  # the one constructor that reads the config
+    def __init__(self, image_tower, text_tower, embed_dim=512):
         super().__init__()
-        self.image_tower = ImageTower(cfg.vision_model, cfg.grad_checkpointing, weights)
-        adapter = adapter_config(cfg.peft, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                 cfg.prefix_tokens)
-        self.text_tower = TextTower(cfg.text_model, adapter, cfg.max_length, cfg.full_ft_lm,
-                                    cfg.train_embed, cfg.grad_checkpointing, weights)
-        self.image_projection = nn.Linear(self.image_tower.width, cfg.embed_dim, bias=False)
-        self.text_projection = nn.Linear(self.text_tower.width, cfg.embed_dim, bias=False)
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_projection = nn.Linear(image_tower.width, embed_dim, bias=False)
+        self.text_projection = nn.Linear(text_tower.width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature 0.07
 
     def encode_image(self, images):  # (B, 1 or 3, S, S) in [0, 1] -> (B, D), unit length, fp32
@@ -503,34 +455,51 @@ class CLEFT(nn.Module):
     def forward(self, images, captions):  # the scale too: DDP sees every trained tensor used
         return self.encode_image(images), self.encode_text(captions), self.logit_scale
 
+def build_model(cfg, load=load_pretrained):
+    """CLEFT as a run's config describes it (the one builder that reads the config). load(name,
+    kind) -> (model, tokenizer): the hub or a folder; the dry run builds on the meta device."""
+    try:
+        vit, _ = load(cfg.vision_model, "vision")
+        lm, tokenizer = load(cfg.text_model, "text")
+    except OSError as error:
+        die(f"{error}; `python demo.py` runs offline on tiny models.")
+    adapter = adapter_config(cfg.peft, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                             cfg.prefix_tokens)
+    tower = EncoderTextTower if hasattr(lm, "pooler") else TextTower  # BERT has a [CLS] pooler
+    text_tower = tower(lm, tokenizer, adapter, cfg.max_length, cfg.full_ft_lm,
+                       cfg.grad_checkpointing)
+    if cfg.train_embed:  # Table 3's ablation: the token embeddings trained too
+        text_tower.model.get_input_embeddings().requires_grad_(True)
+    return CLEFT(ImageTower(vit, cfg.grad_checkpointing), text_tower, cfg.embed_dim)
+
 def frozen_to_bf16(model):
     """Frozen matmul weights (GPT-2's Conv1D) in bf16, as bf16 autocast uses them: half the size."""
     for module in model.modules():
-        for p in module.parameters(recurse=False) if type(module).__name__ == "Conv1D" else []:
-            p.data = p.data if p.requires_grad else p.data.bfloat16()
+        if type(module).__name__ != "Conv1D":
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:  # LoRA's and IA3's own weights stay fp32: they are trained
+                p.data = p.data.bfloat16()
     return model
 
 # --- Loss: symmetric InfoNCE over the global batch (paper Eq. 1)
 def contrastive_loss(image_features, text_features, logit_scale, ids=None, gather=True):
-    """Paper Eq. 1 for this rank's rows against the whole global batch, in fp32.
-
-    image_features, text_features: (b, D) unit vectors of this rank's pairs (the same b on every
-    rank). ids: (b,) caption ids; when given, pairs with identical captions are positives too
-    (soft targets). Each rank averages over its rows and DDP averages over ranks: that is the
-    full-batch mean, and with GatherWithGrad the gradients equal one process on the global batch
-    (gather=False: the rows are the whole batch, whatever the ranks; used by validation)."""
-    rank, gathered = (world()[0], all_gather_rows) if gather else (0, lambda rows: rows)
+    """Paper Eq. 1 in fp32 for this rank's b pairs, (b, D) unit vectors, against the N of the global
+    batch. ids (b,): pairs with identical captions are positives too. gather=False: the rows are
+    the whole batch (validation)."""
+    gathered = all_gather_rows if gather else lambda rows: rows
     all_images = gathered(image_features)  # (N, D): the global batch
     all_texts = gathered(text_features)  # (N, D)
     scale = logit_scale.float().exp()
     logits_per_image = scale * image_features.float() @ all_texts.float().T  # (b, N)
     logits_per_text = scale * text_features.float() @ all_images.float().T  # (b, N)
-    if ids is None:
-        targets = torch.arange(len(image_features), device=image_features.device)
-        targets = targets + rank * len(image_features)
-    else:
+    if ids is None:  # the gathered batch is in rank order: this rank's pairs start at rank * b
+        first_row = world()[0] * len(image_features) if gather else 0
+        targets = first_row + torch.arange(len(image_features), device=image_features.device)
+    else:  # class probabilities as targets: each caption identical to ours weighs 1 / their count
         same = (ids[:, None] == gathered(ids)[None, :]).float()  # (b, N)
         targets = same / same.sum(dim=1, keepdim=True)
+    # the mean over this rank's rows; DDP's mean over the ranks makes it the global batch's
     return (F.cross_entropy(logits_per_image, targets)
             + F.cross_entropy(logits_per_text, targets)) / 2
 
@@ -542,8 +511,7 @@ def caption_ids(captions):  # a 63-bit id per caption, the same on every rank, o
 def train_step(model, images, captions, autocast, accum_steps=1, multi_positive=False):
     """Forward and backward of this rank's share of one global batch; the loss (detached)."""
     ids = to_device(caption_ids(captions), images.device) if multi_positive else None
-    loss_fn = lambda image_features, text_features, scale: contrastive_loss(
-        image_features, text_features, scale, ids)
+    loss_fn = partial(contrastive_loss, ids=ids)  # (image features, text features, scale) -> loss
     if accum_steps > 1:  # the same gradient in micro-batches (grad_cache.py)
         return gradient_cache_step(model, images, captions, autocast, accum_steps, loss_fn)
     with autocast:
@@ -572,8 +540,10 @@ def make_optimizer(model, lr, weight_decay, fused=False):
 # --- Checkpoints: OUT/{last,best}/ = config.json, model.safetensors (trained weights only),
 # adapter/ (peft's format), state.pt (step, best validation loss, optimizer): checkpoints.py
 def checkpoint_dir(directory):  # or DIR.old, if a crash hit between a save's two renames
-    return saved_folder(directory) or die(f"no checkpoint in {directory}: pass the last/ or best/ "
-                                          "folder of a finished cleft.py run.")
+    folder = saved_folder(directory)
+    if folder is None:
+        die(f"no checkpoint in {directory}: pass the last/ or best/ folder of a cleft.py run.")
+    return folder
 
 def load_config(directory):
     saved = json.loads((checkpoint_dir(directory) / "config.json").read_text())
@@ -582,11 +552,15 @@ def load_config(directory):
 def load_model(directory, cfg=None):
     """CLEFT with the weights trained in checkpoint `directory` (the rest: the base models)."""
     directory = checkpoint_dir(directory)
-    model, saved = CLEFT(cfg or load_config(directory)), load_file(directory / "model.safetensors")
+    model = build_model(cfg or load_config(directory))
+    saved = load_file(directory / "model.safetensors")
     if saved.keys() != trained_weights(model).keys():
         die(f"{directory} does not match its config.json: was it written by another cleft.py?")
     model.load_state_dict(saved, strict=False)
     return model
+
+# flags that change how a run is watched, not what it computes: a resume may change them
+BOOKKEEPING = ["resume", "num_workers", "image_cache", "log_every", "eval_every", "strict_data"]
 
 def resume_state(cfg):
     """state.pt of OUT/last/, to the CPU, if resuming (--resume, or this config's run is there)."""
@@ -600,10 +574,9 @@ def resume_state(cfg):
             "file system that every node shares.")
     if not (cfg.resume or found):
         return None
-    saved, bookkeeping = load_config(last), ("resume", "num_workers", "image_cache", "log_every",
-                                             "eval_every", "strict_data")
-    changed = [f.name for f in fields(Config)
-               if f.name not in bookkeeping and getattr(saved, f.name) != getattr(cfg, f.name)]
+    saved = load_config(last)
+    changed = [f.name for f in fields(Config) if f.name not in BOOKKEEPING
+               and getattr(saved, f.name) != getattr(cfg, f.name)]
     if changed and not cfg.resume:
         die(f"{cfg.out_dir} holds a run with a different config ({', '.join(changed[:5])}): pass "
             "--resume to continue it with these flags, or choose another --out-dir.")
@@ -620,14 +593,15 @@ def validate(model, val_loader, test_loader, autocast, batch_size):
     last one smaller; fixed, so values compare across the run), and with a test split
     'zero_shot_acc': % of argmax over classes of cos(image, hand-written prompt)}."""
     model.eval()
-    images, texts = embed(model, val_loader, n := len(val_loader.dataset), autocast)  # (n, D) each
+    n_val = len(val_loader.dataset)
+    images, texts = embed(model, val_loader, n_val, autocast)  # (n_val, D) each
     losses = [contrastive_loss(i, t, model.logit_scale, gather=False) * len(i)
               for i, t in zip(images.split(batch_size), texts.split(batch_size))]
-    record = {"val_loss": (sum(losses) / n).item()}
-    if n := len(test_loader.dataset):  # the five classes of CheXpert-5x200
+    record = {"val_loss": (sum(losses) / n_val).item()}
+    if n_test := len(test_loader.dataset):  # the five classes of CheXpert-5x200
         with autocast:
             class_features = model.encode_text(class_prompts(FIVE_CLASSES))  # (C, D)
-        image_features, labels = embed(model, test_loader, n, autocast)  # (n, D), (n,)
+        image_features, labels = embed(model, test_loader, n_test, autocast)  # (n_test, D)
         correct = (image_features @ class_features.T).argmax(dim=1) == labels
         record["zero_shot_acc"] = 100 * correct.float().mean().item()
     model.train()
@@ -638,7 +612,8 @@ def embed(model, loader, n, autocast, progress=False, encode=None):
     """(image features (n, D), targets: labels (n,) or caption features (n, D)) of an eval_batches
     loader, on every rank: each embeds its share, then they are gathered (all ranks call it).
     encode: images -> features (default model.encode_image)."""
-    device, encode = model.logit_scale.device, encode or model.encode_image
+    device = model.logit_scale.device
+    encode = encode or model.encode_image
     features, targets, unreadable = [], [], []
     for images, target, skipped in tqdm(loader, "images", disable=world()[0] or not progress):
         with autocast:
@@ -651,11 +626,35 @@ def embed(model, loader, n, autocast, progress=False, encode=None):
     return torch.cat(features)[:n], torch.cat(targets)[:n]
 
 # --- Main
+def mean_over_ranks(value):  # a device scalar, read by the host; every rank calls it
+    if world()[1] > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+    return value.item()
+
 def check_finite(loss, name, step, out_dir, progress):  # every rank calls it with the same loss
     if not math.isfinite(loss):  # stop before anything is saved: OUT/last/ stays good
         progress.close()
         die(f"the {name} became {loss} by step {step}: {out_dir}/last holds the last good "
             "weights; lower --lr or raise --warmup-steps.")
+
+def stop_if_unreadable(skipped, step, progress):  # --strict-data: this rank's batch stops the run
+    if any(skipped):
+        first = next(text for text in skipped if text).splitlines()[0]
+        progress.close()
+        die(f"unreadable image {first} at step {step} (--strict-data): "
+            "fix or remove it, or drop --strict-data to skip such images.", this_rank_only=True)
+
+def model_and_optimizer(cfg, state, device, dtype):
+    """The model (OUT/last/'s trained weights when resuming) in training mode, and its AdamW."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = load_model(Path(cfg.out_dir) / "last", cfg) if state else build_model(cfg)
+    model = model.to(device).train()  # set, not inherited: from_pretrained returns eval mode
+    if dtype == "bf16":
+        frozen_to_bf16(model)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, fused=device.type == "cuda")
+    if state:  # the optimizer's tensors are copied to its parameters' device, the CPU copy freed
+        optimizer.load_state_dict(state.pop("optimizer"))
+    return model, optimizer
 
 def main(argv=None):
     cfg = parse_config(argv)
@@ -665,25 +664,27 @@ def main(argv=None):
            f"{json.dumps(changed_fields(cfg))}\nworld size {world_size} on {device}, {dtype}")
     splits = load_splits(cfg)
     print0("data: " + ", ".join(f"{len(records)} {name}" for name, records in splits.items()))
-    out_dir, state = Path(cfg.out_dir), resume_state(cfg)
-    start_step, best_val_loss = (state["step"], state["best_val_loss"]) if state else (0, math.inf)
+    out_dir = Path(cfg.out_dir)
+    state = resume_state(cfg)  # None for a fresh run
+    start_step = state["step"] if state else 0
+    best_val_loss = state["best_val_loss"] if state else math.inf
     train_loader, val_loader, test_loader = make_loaders(splits, cfg, device, world_size,
                                                          start_step)
-    torch.manual_seed(cfg.seed)  # the model, from OUT/last/ on resume: the same on every rank
-    model = (load_model(out_dir / "last", cfg) if state else CLEFT(cfg)).to(device)
-    model = frozen_to_bf16(model) if dtype == "bf16" else model
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, fused=device.type == "cuda")
-    if state:  # the optimizer's tensors are copied to its parameters' device, the CPU copy freed
-        optimizer.load_state_dict(state.pop("optimizer"))
+    model, optimizer = model_and_optimizer(cfg, state, device, dtype)
+    if state:
         print0(f"resumed from {out_dir / 'last'} at step {start_step}")
     print0(f"trained parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     device_ids = None if device.type == "cpu" else [device.index]  # DDP trains, the model is saved
     ddp_model = DistributedDataParallel(model, device_ids) if world_size > 1 else model
-    metrics = start_metrics(out_dir / "metrics.jsonl", state and start_step) if rank == 0 else None
+    metrics = out_dir / "metrics.jsonl"
+    if rank == 0:  # on resume, the lines after the checkpoint go: those steps run again
+        start_metrics(metrics, start_step if state else None)
     progress = tqdm(total=cfg.max_steps, initial=start_step, disable=rank != 0, desc="train")
 
     UNREADABLE.clear()
-    unreadable, timer, timed_steps, loss_sum = [], time.time(), 0, 0.0
+    unreadable = []  # 'path (error)' of the training images met since the last report
+    losses = []  # this log line's steps: their losses stay on the device until it is written
+    window_start = time.time()
     for step in range(start_step, cfg.max_steps + 1):
         # evaluate and save every eval_every steps and at the end (a resumed run: not at its start)
         due = step % cfg.eval_every == 0 or step == cfg.max_steps
@@ -698,8 +699,8 @@ def main(argv=None):
             if rank == 0:  # best/ when the validation loss improved, last/ every time
                 for name in (["best"] if improved else []) + ["last"]:
                     save_checkpoint(out_dir / name, model, optimizer, cfg, step, best_val_loss)
-            # a log line averages the steps since the last line or evaluation: resumes log the same
-            timer, timed_steps, loss_sum = time.time(), 0, 0.0
+            losses = []  # a log line averages the steps since: resumed runs log the same
+            window_start = time.time()
         if step == cfg.max_steps:
             break
 
@@ -708,13 +709,11 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, captions, skipped = next(train_loader)
-        if cfg.strict_data and any(skipped):  # this rank's batch alone: it stops the run
-            first = next(text for text in skipped if text).splitlines()[0]
-            progress.close()
-            die(f"unreadable image {first} at step {step} (--strict-data): "
-                "fix or remove it, or drop --strict-data to skip such images.", this_rank_only=True)
+        if cfg.strict_data:
+            stop_if_unreadable(skipped, step, progress)
         unreadable += skipped
-        # dropout masks depend on (seed, step, rank) alone: a resumed run draws the same ones
+        # dropout masks depend on (seed, step, rank) alone, so a resumed run draws the same ones
+        # (rank and step below 2**20 each: every triple gets its own seed)
         torch.manual_seed(cfg.seed * 2**40 + step * 2**20 + rank)
         loss = train_step(ddp_model, images.to(device, non_blocking=True), captions, autocast,
                           cfg.accum_steps, cfg.multi_positive)
@@ -724,19 +723,19 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP: the scale never exceeds 100
-        loss_sum, timed_steps = loss_sum + loss, timed_steps + 1  # on the device: no host wait
+        losses.append(loss)
         progress.update(1)
         if (step + 1) % cfg.log_every == 0:  # the host reads the loss here only
             report_unreadable(unreadable)
-            if world_size > 1:  # the mean over ranks: a non-finite loss stops every rank
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            check_finite(loss := loss_sum.item() / timed_steps, "loss", step, out_dir, progress)
-            record = {"step": step + 1, "loss": loss, "lr": lr,
+            mean_loss = mean_over_ranks(sum(losses)) / len(losses)
+            check_finite(mean_loss, "loss", step, out_dir, progress)
+            record = {"step": step + 1, "loss": mean_loss, "lr": lr,
                       "logit_scale": model.logit_scale.exp().item(),
-                      "images_per_s": cfg.batch_size * timed_steps / (time.time() - timer)}
+                      "images_per_s": cfg.batch_size * len(losses) / (time.time() - window_start)}
             log(metrics, record, "step {step}/{n} | loss {loss:.4f} | lr {lr:.2e} | scale "
                 "{logit_scale:.1f} | {images_per_s:.0f} img/s".format(n=cfg.max_steps, **record))
-            timer, timed_steps, loss_sum = time.time(), 0, 0.0
+            losses = []
+            window_start = time.time()
     progress.close()
     if UNREADABLE:
         print0(f"skipped in this run: {len(UNREADABLE)} unreadable image(s), each named above")

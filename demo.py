@@ -1,35 +1,30 @@
 """
-The offline stand-ins that let `python cleft.py` run with no data and no downloads: a synthetic
-dataset in CheXpert's exact layout, and tiny randomly initialised models of the paper's
-architectures (GPT-2, DINOv2, and BERT for the Med-CLIP preset) with a byte-level tokenizer.
+The offline demo. `python demo.py` writes a synthetic dataset in CheXpert's exact layout and tiny
+random models of the paper's architectures (GPT-2 with a byte-level tokenizer, DINOv2, and BERT for
+the Med-CLIP preset) as ordinary save_pretrained folders, then runs stage 1, stage 2 and the
+evaluation on them: the same code, and the same loading, as real data and models. No network, no
+download; a few minutes on a CPU.
 
-Nothing here is the method. cleft.py imports this module only for `--data demo` or a `tiny` model.
+    python demo.py    # writes data/demo/ and data/tiny-*/ once; trains into runs/demo/
+
+Each stage's command is printed before it runs; the README shows the stage-1 one under torchrun.
+Nothing here is the method: this file imports cleft.py, never the other way round.
 """
 
 import csv
 import os
+import shlex
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
-from cleft import CHEXPERT_COLUMNS, FINDINGS, FIVE_CLASSES, die, print0, world
-
-# What --data demo changes in each script's defaults, so that the demo runs in minutes on a CPU
-DEFAULTS = {
-    "Config": dict(data_root="data/demo", text_model="tiny", vision_model="tiny", image_size=112,
-                   max_length=256, batch_size=32, lr=5e-4, warmup_steps=30, max_steps=300,
-                   eval_every=100, log_every=20, num_workers=2, out_dir="runs/demo"),
-    # prompt_tune.py: the byte-level tokenizer spends 39 tokens on the caption, so L = 39 starts
-    # from exactly the hand-written prompt; the tiny encoders take a larger step than BioMedLM
-    "PromptConfig": dict(data_root="data/demo", context_length=39, lr=0.3, warmup_steps=30,
-                         max_steps=300, eval_every=50, log_every=50, num_workers=2),
-    "EvalConfig": dict(data_root="data/demo", max_steps=300, eval_every=50, num_workers=2),
-}
-PRESET_DEFAULTS = {"medclip-vit-l": dict(text_model="tiny-bert")}  # the preset with a tiny BERT
+import cleft
+import evaluate
+import prompt_tune
+from cleft import CHEXPERT_COLUMNS, FINDINGS, FIVE_CLASSES
 
 # -----------------------------------------------------------------------------
 # A synthetic CheXpert: chest-X-ray-like pictures in which each finding is a visible pattern
@@ -96,7 +91,7 @@ def make_demo_dataset(root, patients=1200, per_class=50, seed=0):
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(seed)
-    print0(f"writing the synthetic demo dataset to {root} (once)")
+    print(f"writing the synthetic demo dataset to {root} (once)", flush=True)
     splits = {"train": [], "valid": []}
     for p in range(1, patients + 1):
         split = "valid" if p > patients - 20 else "train"
@@ -136,25 +131,16 @@ def make_demo_dataset(root, patients=1200, per_class=50, seed=0):
     os.replace(tmp, root)
 
 
-def prepare(root):
-    """Rank 0 writes the synthetic dataset once; the others wait for it (all ranks call this)."""
-    if world()[0] == 0:
-        make_demo_dataset(root)
-    if world()[1] > 1:
-        dist.barrier()
-
-
 # -----------------------------------------------------------------------------
-# Tiny models: the paper's architectures, small and random, with a byte-level tokenizer
+# Tiny models: the paper's architectures, small and random, saved as save_pretrained folders
 
-TINY = {  # (name, kind) -> (transformers model type, config)
-    ("tiny", "text"): ("gpt2", dict(vocab_size=257, n_positions=512, n_embd=64, n_layer=2,
-                                    n_head=4, bos_token_id=256, eos_token_id=256)),
-    ("tiny", "vision"): ("dinov2", dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
-                                        mlp_ratio=2, image_size=112, patch_size=14)),
-    ("tiny-bert", "text"): ("bert", dict(vocab_size=260, hidden_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, intermediate_size=128,
-                                         pad_token_id=259)),
+TINY = {  # folder name -> (transformers model type, config)
+    "tiny-gpt2": ("gpt2", dict(vocab_size=257, n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                               bos_token_id=256, eos_token_id=256)),
+    "tiny-dinov2": ("dinov2", dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                   mlp_ratio=2, image_size=112, patch_size=14)),
+    "tiny-bert": ("bert", dict(vocab_size=260, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=128, pad_token_id=259)),
 }
 
 
@@ -177,15 +163,66 @@ def tiny_tokenizer(bert=False):
                                    sep_token="[SEP]", pad_token="[PAD]")
 
 
-def tiny_pretrained(name, kind):
-    """(model, tokenizer or None): the same random weights every time (seed 0), so checkpoints
-    need to store only the trained ones."""
+def save_tiny_models(folder):
+    """FOLDER/tiny-gpt2, tiny-dinov2 and tiny-bert (with their tokenizers), random with seed 0,
+    written once; each is built in a temporary folder and renamed, so it is never half there."""
     from transformers import AutoConfig, AutoModel
-    if (name, kind) not in TINY:
-        others = " or tiny-bert." if kind == "text" else "."
-        die(f"there is no {name} {kind} model: use --{kind}-model tiny{others}")
-    model_type, kwargs = TINY[name, kind]
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = AutoModel.from_config(AutoConfig.for_model(model_type, **kwargs))
-    return model, tiny_tokenizer(bert=name == "tiny-bert") if kind == "text" else None
+    for name, (model_type, kwargs) in TINY.items():
+        target = Path(folder) / name
+        if target.exists():
+            continue
+        tmp = target.with_name(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with torch.random.fork_rng():  # the caller's random state is left as it was
+            torch.manual_seed(0)
+            model = AutoModel.from_config(AutoConfig.for_model(model_type, **kwargs))
+        model.save_pretrained(tmp)
+        if model_type != "dinov2":
+            tiny_tokenizer(bert=model_type == "bert").save_pretrained(tmp)
+        os.replace(tmp, target)
+
+
+def prepare(folder, patients=1200, per_class=50):
+    """FOLDER/demo (the synthetic CheXpert) and the tiny models beside it, each written once."""
+    make_demo_dataset(Path(folder) / "demo", patients, per_class)
+    save_tiny_models(folder)
+
+
+# -----------------------------------------------------------------------------
+# The three stages on the demo: the scripts' own flags, sized for a CPU
+
+def stage1_args(folder, out_dir="runs/demo"):
+    """cleft.py on the demo data and the tiny models. The byte-level tokenizer spends a token per
+    character, so captions get 256; the tiny models take a larger step than BioMedLM."""
+    return ["--data-root", f"{folder}/demo", "--text-model", f"{folder}/tiny-gpt2",
+            "--vision-model", f"{folder}/tiny-dinov2", "--image-size", "112", "--max-length", "256",
+            "--batch-size", "32", "--lr", "5e-4", "--warmup-steps", "30", "--max-steps", "300",
+            "--eval-every", "100", "--log-every", "20", "--num-workers", "2", "--out-dir", f"{out_dir}"]
+
+
+def stage2_args(folder, ckpt):
+    """prompt_tune.py: L = 39, the tokens of the hand-written caption, so the context starts from
+    exactly that prompt."""
+    return ["--ckpt", f"{ckpt}", "--data-root", f"{folder}/demo", "--context-length", "39",
+            "--lr", "0.3", "--warmup-steps", "30", "--max-steps", "300", "--eval-every", "50",
+            "--log-every", "50", "--num-workers", "2"]
+
+
+def evaluate_args(folder, ckpt):
+    return ["--ckpt", f"{ckpt}", "--prompt", f"{ckpt}/prompt.safetensors", "--data-root",
+            f"{folder}/demo", "--task", "all", "--max-steps", "300", "--eval-every", "50",
+            "--num-workers", "2"]
+
+
+def main(folder="data", out_dir="runs/demo"):
+    prepare(folder)
+    ckpt = f"{out_dir}/best"
+    stages = [(cleft, stage1_args(folder, out_dir)), (prompt_tune, stage2_args(folder, ckpt)),
+              (evaluate, evaluate_args(folder, ckpt))]
+    for module, args in stages:
+        print(f"\n$ python {Path(module.__file__).name} {shlex.join(args)}", flush=True)
+        module.main(args)
+
+
+if __name__ == "__main__":
+    main()

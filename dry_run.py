@@ -9,15 +9,14 @@ text tower. Not part of the method.
     python dry_run.py --preset medclip-vit-l
 """
 
-import sys
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel
 
-from cleft import CLEFT, parse_config
+from cleft import build_model, parse_config
 
 ARCHITECTURES = {  # hub id -> (model type, config) of the paper's and the preset's models
     "stanford-crfm/BioMedLM": ("gpt2", dict(vocab_size=28896, n_positions=1024, n_embd=2560,
@@ -44,19 +43,30 @@ ARCHITECTURES = {  # hub id -> (model type, config) of the paper's and the prese
 def architecture(name):
     """The config of model `name`: the stored copy for the models above (no hub request), else
     read from the hub or a local directory."""
-    from transformers import AutoConfig
     if name in ARCHITECTURES:
         model_type, kwargs = ARCHITECTURES[name]
         return AutoConfig.for_model(model_type, **kwargs)
     return AutoConfig.from_pretrained(name)
 
 
+def meta_model(cfg):
+    """CLEFT as cfg describes it, on the meta device: the towers of training, handed models built
+    from their architecture alone (no weights, no memory, no download)."""
+
+    def architecture_only(name, kind):  # nothing is tokenized here, so no tokenizer is needed
+        return AutoModel.from_config(architecture(name)), None
+
+    with torch.device("meta"):
+        return build_model(cfg, load=architecture_only)
+
+
 def parameter_report(cfg):
     """A Markdown table of the parameters of each part, total and trained, and the ratios."""
     bert_cfg = replace(cfg, text_model="bert-base-uncased", peft="none", full_ft_lm=True,
                        freeze_lm=False)
+    model = meta_model(cfg)
+    bert = meta_model(bert_cfg)
     with torch.device("meta"):
-        model, bert = CLEFT(cfg, weights=False), CLEFT(bert_cfg, weights=False)
         clip = AutoModel.from_config(architecture("openai/clip-vit-base-patch16"))
     count = lambda module: sum(p.numel() for p in module.parameters())
     trained = lambda module: sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -85,9 +95,8 @@ def parameter_report(cfg):
     return "\n".join(lines)
 
 
-def main(argv=None):  # cleft.py's flags; the paper's models unless --data demo asks for tiny ones
-    argv = sys.argv[1:] if argv is None else argv
-    print(parameter_report(parse_config(["--data", "chexpert", *argv])))
+def main(argv=None):  # cleft.py's flags; the paper's models unless --text-model etc. say otherwise
+    print(parameter_report(parse_config(argv)))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,6 @@ fine-tune, and data efficiency with 1%, 10% or 100% of the training split), plus
 retrieval (its future work). Prints a Markdown table in the layout of the paper's Table 1 and
 writes results.json.
 
-Demo (after `python cleft.py` and `python prompt_tune.py --ckpt runs/demo/best`):
-    python evaluate.py --ckpt runs/demo/best --prompt runs/demo/best/prompt.safetensors --task all
-The paper's datasets:
     python evaluate.py --ckpt RUN/best --prompt RUN/best/prompt.safetensors \\
         --data chexpert5x200 --data-root /data/chexpert --task all
     python evaluate.py --ckpt RUN/best --data rsna --data-root /data/rsna --task linear \\
@@ -27,22 +24,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import demo
-from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches, XrayDataset, arg,
+from checkpoints import load_prompt
+from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches, arg,
                    autocast_for, caption_from_labels, chexpert_rows, die, embed,
                    eval_batches, five_class_index, get_lr, load_config, load_model, make_loader,
                    make_optimizer, parse_config, print0, read_csv, split_by_patient)
-from prompt_tune import PromptLearner, labelled_splits, load_prompt, zero_shot_logits
+from image_io import XrayDataset
+from prompt_tune import PromptLearner, labelled_splits, zero_shot_logits
 
 # --- Config
-DATASETS = ["demo", "chexpert", "chexpert5x200", "rsna", "embed-birads", "embed-density", "csv"]
+DATASETS = ["chexpert", "chexpert5x200", "rsna", "embed-birads", "embed-density", "csv"]
 TASKS = ["zeroshot", "linear", "finetune", "retrieval"]
 
 @dataclass
 class EvalConfig:
     ckpt: str = arg("", "stage-1 checkpoint folder, e.g. runs/cleft/best (required)")
     prompt: str = arg("", "stage-2 context file for zero-shot (default: the hand-written prompt)")
-    data: str = arg("demo", "dataset", DATASETS)
+    data: str = arg("chexpert", "dataset (chexpert and chexpert5x200 are the same)", DATASETS)
     data_root: str = arg("", "the dataset's folder, or the CSV file for --data csv")
     task: str = arg("all", "what to evaluate", TASKS + ["all"])
     data_pct: float = arg(1.0, "fraction of the training split for linear/finetune (1, 0.1, 0.01)")
@@ -277,11 +275,9 @@ def csv_data(cfg):
 def load_data(cfg):
     if not cfg.data_root:
         die(f"--data {cfg.data} needs --data-root (see the README for each dataset's layout).")
-    if cfg.data == "demo":
-        demo.prepare(cfg.data_root)
-    loader = {"demo": chexpert5x200_data, "chexpert": chexpert5x200_data,
-              "chexpert5x200": chexpert5x200_data, "rsna": rsna_data,
-              "embed-birads": embed_data, "embed-density": embed_data, "csv": csv_data}[cfg.data]
+    loader = {"chexpert": chexpert5x200_data, "chexpert5x200": chexpert5x200_data,
+              "rsna": rsna_data, "embed-birads": embed_data, "embed-density": embed_data,
+              "csv": csv_data}[cfg.data]
     return loader(cfg)
 
 def subset(records, fraction, seed):
@@ -456,6 +452,9 @@ def main(argv=None):
     cfg = parse_config(argv, EvalConfig, __doc__)
     if not cfg.ckpt and not cfg.export:
         die("--ckpt is required: the best/ (or last/) folder of a cleft.py run.")
+    if cfg.prompt and not Path(cfg.prompt).is_file():
+        die(f"no prompt file at {cfg.prompt}: run prompt_tune.py first, or drop --prompt to use "
+            "the hand-written prompts.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype, autocast = autocast_for(cfg.dtype, device)
     data = load_data(cfg)

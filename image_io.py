@@ -1,9 +1,10 @@
 """
-Reading X-ray files fast: JPEGs decoded at reduced size, DICOMs scaled to 8 bits, and the optional
-`--image-cache DIR`, where each image's small decoded copy is kept after its first read (about 40x
-faster for the 2 MB JPEGs of full-resolution CheXpert; the same pixels); and reporting the files
-that cannot be read, once each. Not part of the method: cleft.load_image turns what read_xray
-returns into the model's input view.
+From an X-ray file to the model's input: JPEGs decoded at reduced size, DICOMs scaled to 8 bits,
+the optional `--image-cache DIR` (each image's small decoded copy kept after its first read: about
+40x faster for the 2 MB JPEGs of full-resolution CheXpert, the same pixels), the view the model
+sees (padded to a square; in training, zoom, rotation, shift and jitter), and the dataset that
+stands the next image in for an unreadable one and reports each such file once. cleft.py decides
+which images and targets; this file reads them.
 """
 
 import hashlib
@@ -16,8 +17,10 @@ from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from PIL import Image
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 UNREADABLE = set()  # 'path (error)' of every unreadable image met in this run, on every rank
@@ -99,7 +102,7 @@ def cached_xray(path, size, cache):
 def report_unreadable(messages):
     """Rank 0 prints each unreadable image once per run, above the progress bar, whichever rank or
     split met it; all ranks call this at the same points (it gathers). messages: the 'path (error)'
-    lines of cleft.XrayDataset's items, emptied here."""
+    lines of XrayDataset's items, emptied here."""
     new = {line for text in messages for line in text.split("\n") if line}
     if dist.is_initialized():  # loader workers only hand them over: their rank reports them
         everyone = [None] * dist.get_world_size()
@@ -111,3 +114,67 @@ def report_unreadable(messages):
             sys.stderr.flush()
     UNREADABLE.update(new)
     messages.clear()
+
+
+# -----------------------------------------------------------------------------
+# The model's input view, and the dataset that reads it
+
+
+def scaled_view(square, size, rng=None):
+    """The square scaled to size x size; with rng, training's zoom (1 to 1.15), rotation (+-10
+    degrees) and a random crop of the zoomed square."""
+    if rng is None:
+        return square.resize((size, size), Image.Resampling.BILINEAR)
+    side = round(size * rng.uniform(1.0, 1.15))
+    image = square.resize((side, side), Image.Resampling.BILINEAR)
+    image = image.rotate(rng.uniform(-10, 10), Image.Resampling.BILINEAR)
+    left, top = rng.integers(0, side - size + 1, size=2)
+    return image.crop((left, top, left + size, top + size))
+
+
+def jitter(pixels, rng, hflip=False):  # contrast and brightness by +-20%, an optional flip
+    mean = pixels.mean()
+    pixels = (pixels - mean) * rng.uniform(0.8, 1.2) + mean * rng.uniform(0.8, 1.2)
+    if hflip and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return np.clip(pixels, 0, 1)
+
+
+def load_image(path, size, rng=None, hflip=False, affine=True, cache=""):
+    """A (1, size, size) tensor in [0, 1]. rng=None: the evaluation view; else the training view,
+    jittered, with zoom, rotation and shift when `affine` (--augment cleft)."""
+    image = read_xray(path, size, cache)  # 8-bit grayscale, decoded at reduced size
+    square = Image.new("L", (max(image.size),) * 2)  # black borders: the whole chest in view
+    square.paste(image, ((square.width - image.width) // 2, (square.height - image.height) // 2))
+    image = scaled_view(square, size, rng if affine else None)
+    pixels = np.asarray(image, np.float32) / 255
+    if rng is not None:
+        pixels = jitter(pixels, rng, hflip)
+    # one channel: a third of the bytes through the loader; the image tower makes it three
+    return torch.from_numpy(np.ascontiguousarray(pixels))[None]  # (1, S, S)
+
+
+class XrayDataset(Dataset):
+    """(path, target) records; item (index, augmentation seed or None) -> (image, target, 'path
+    (error)' lines of the unreadable images it stands in for: the caller reports them, once)."""
+
+    def __init__(self, records, image_size, hflip=False, affine=True, cache=""):
+        self.records, self.image_size, self.hflip, self.affine = records, image_size, hflip, affine
+        self.cache = usable_cache(cache)  # '' if that folder cannot be written
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, item):
+        index, aug_seed = item
+        # a tuple seed gives numpy an independent stream per (seed, epoch, image index)
+        rng = np.random.default_rng(aug_seed) if aug_seed else None
+        unreadable = []
+        for offset in range(len(self)):  # unreadable: the next stands in, batches stay full
+            path, target = self.records[(index + offset) % len(self)]
+            try:
+                image = load_image(path, self.image_size, rng, self.hflip, self.affine, self.cache)
+                return image, target, "\n".join(unreadable)
+            except (OSError, ValueError) as error:  # missing, truncated or corrupt
+                unreadable.append(f"{path} ({error})")
+        raise RuntimeError(f"none of the {len(self)} images can be read: check --data-root.")

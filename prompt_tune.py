@@ -3,36 +3,34 @@ section 2.2). The hand-written caption "this is a chest x ray of a patient with"
 learnable token embeddings, trained with the zero-shot classification cross-entropy on image
 features computed once. The context goes to CKPT/prompt.safetensors (evaluate.py --prompt).
 
-    python prompt_tune.py --ckpt runs/demo/best          # the demo, after python cleft.py
-    torchrun --nproc_per_node=2 prompt_tune.py --ckpt runs/cleft/best --data chexpert \\
-        --data-root /data/chexpert                       # CheXpert's five 5x200 classes
+    python prompt_tune.py --ckpt runs/cleft/best --data-root /data/chexpert   # the 5x200 classes
+    torchrun --nproc_per_node=2 prompt_tune.py --ckpt runs/cleft/best --data-root /data/chexpert
+    python prompt_tune.py --ckpt runs/embed/best --data csv --data-root /data/embed/birads.csv
 """
 
 import json
-import os
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-import demo
-from checkpoints import start_metrics
-from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, XrayDataset, arg, autocast_for,
+from checkpoints import save_prompt, start_metrics
+from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, EncoderTextTower, arg, autocast_for,
                    changed_fields, chexpert_rows, die, embed, eval_batches, five_class_index,
                    get_lr, load_config, load_model, log, make_loader, parse_config, print0,
                    read_csv, setup_distributed, split_by_patient)
+from image_io import XrayDataset
 
 # --- Config
 @dataclass
 class PromptConfig:
     ckpt: str = arg("", "stage-1 checkpoint folder, e.g. runs/cleft/best (required)")
-    data: str = arg("demo", "dataset", ["demo", "chexpert", "csv"])
+    data: str = arg("chexpert", "dataset", ["chexpert", "csv"])
     data_root: str = arg("", "CheXpert folder, or a CSV of image,label[,split] (--data csv)")
     classes: str = arg("", "comma-separated class names (default: the 5x200 classes; csv: its own)")
     init: str = arg("", "the caption the context starts from (default: the chest X-ray caption)")
@@ -49,6 +47,8 @@ class PromptConfig:
     val_fraction: float = arg(0.05, "share of patients held out to pick the context (as stage 1)")
     out: str = arg("", "output file (default: CKPT/prompt.safetensors); a .jsonl log beside it")
 
+FEATURE_BATCH = 32  # images a rank embeds at once
+
 # --- Data: images positive for exactly one of the classes
 def single_positive(row, classes):  # the one class of `classes` the row is 1.0 for, or None
     positives = [i for i, name in enumerate(classes) if row.get(name) in ("1", "1.0")]
@@ -57,11 +57,13 @@ def single_positive(row, classes):  # the one class of `classes` the row is 1.0 
 def labelled_splits(cfg, classes):
     """{'train', 'val', 'test'}: (image, class index); CheXpert: stage 1's patient split."""
     if cfg.data == "csv":  # rows with a blank label are left out; a split column is kept
-        rows = [r for r in read_csv(cfg.data_root, ["image", "label"]) if r["label"]]
+        rows = read_csv(cfg.data_root, ["image", "label"])  # one row at least
+        has_split = "split" in rows[0]  # else --val-fraction of the images held out
+        rows = [r for r in rows if r["label"]]
         if unknown := sorted({r["label"] for r in rows} - set(classes)):
             die(f"{cfg.data_root} has labels {unknown[:5]} that are not in --classes: list every "
                 "class name.")
-        if "split" not in rows[0]:  # else --val-fraction of the images held out
+        if not has_split:
             for row in split_by_patient(rows, cfg.val_fraction, key=lambda r: r["image"])[1]:
                 row["split"] = "val"
         pairs = lambda name: [(str(Path(cfg.data_root).parent / r["image"]),
@@ -72,8 +74,9 @@ def labelled_splits(cfg, classes):
         die(f"--classes {missing} are not CheXpert label columns: use names from the train.csv "
             "header.")
     splits = chexpert_rows(cfg.data_root, cfg.val_fraction)
-    labelled = lambda rows: [(r["image"], single_positive(r, classes)) for r in rows
-                             if single_positive(r, classes) is not None]
+    def labelled(rows):  # the images positive for exactly one of the classes
+        pairs = [(r["image"], single_positive(r, classes)) for r in rows]
+        return [(image, label) for image, label in pairs if label is not None]
     test = [(r["image"], five_class_index(r)) for r in splits["test"]]
     return {"train": labelled(splits["train"]), "val": labelled(splits["val"]),
             "test": test if classes == FIVE_CLASSES else []}
@@ -87,26 +90,31 @@ class PromptLearner(nn.Module):
                  context=None):
         super().__init__()
         tower = model.text_tower
-        if tower.read_cls:
+        if isinstance(tower, EncoderTextTower):
             die("prompt context learning needs a causal text tower read at its EOS (CLEFT's); this "
                 "checkpoint's is an encoder read at [CLS]: use the hand-written prompts instead.")
         embedding = tower.model.get_input_embeddings()
         device = embedding.weight.device
         tokenize = lambda text: tower.tokenizer(text, add_special_tokens=False)["input_ids"]
         if context is None:  # from the hand-written caption; a longer one keeps its last L tokens
-            if (n := len(tokenize(init))) > context_length:  # --context-length n keeps it all
-                print0(f"note: the context starts from the last {context_length} of {n} tokens")
-            ids = tokenize(init)[-context_length:]
+            ids = tokenize(init)
+            if len(ids) > context_length:  # --context-length len(ids) keeps it all
+                print0(f"note: the context starts from the last {context_length} of {len(ids)} "
+                       "tokens")
+            ids = ids[-context_length:]
             with torch.no_grad():  # uniform, with the spread of the real embeddings
                 bound = embedding.weight.std().item() * 3 ** 0.5
                 context = torch.empty(context_length, embedding.weight.shape[1], device=device)
                 context.uniform_(-bound, bound)
+                # the caption in the last slots, right before the class name, as when written out
                 context[context_length - len(ids):] = embedding(torch.tensor(ids).to(device))
         self.context = nn.Parameter(context.float().to(device))  # (L, H)
         # " edema": tokenized as it follows "with" in the caption
-        class_ids = [tokenize(" " + name.lower()) + [tower.eos_id] for name in classes]
-        longest, L = max(map(len, class_ids)), len(self.context)
-        padded = [ids + [tower.eos_id] * (longest - len(ids)) for ids in class_ids]
+        eos_id = tower.tokenizer.eos_token_id
+        class_ids = [tokenize(" " + name.lower()) + [eos_id] for name in classes]
+        longest = max(map(len, class_ids))
+        L = len(self.context)
+        padded = [ids + [eos_id] * (longest - len(ids)) for ids in class_ids]
         with torch.no_grad():
             class_embeddings = embedding(torch.tensor(padded, device=device))
         self.register_buffer("class_embeddings", class_embeddings, persistent=False)  # (C, T, H)
@@ -127,24 +135,12 @@ class PromptLearner(nn.Module):
 def zero_shot_logits(model, image_features, class_features):  # stage 1's logits, (B, C), fp32
     return model.logit_scale.float().exp() * image_features.float() @ class_features.float().T
 
-def save_prompt(path, learner, classes, cfg):  # the context, its classes and config, atomically
-    tmp = Path(f"{path}.tmp")
-    save_file({"context": learner.context.detach().cpu().contiguous()}, tmp,
-              metadata={"classes": json.dumps(classes), "config": json.dumps(asdict(cfg))})
-    os.replace(tmp, path)
-
-def load_prompt(path):  # (context (L, H), classes) from a file written by save_prompt
-    if not Path(path).is_file():
-        die(f"no prompt file at {path}: run prompt_tune.py first, or drop --prompt to use the "
-            "hand-written prompt.")
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("context"), json.loads(f.metadata()["classes"])
-
 # --- Main
 def main(argv=None):
     cfg = parse_config(argv, PromptConfig, __doc__)
-    if not cfg.ckpt:
-        die("--ckpt is required: the best/ (or last/) folder of a cleft.py run.")
+    if not (cfg.ckpt and cfg.data_root):
+        die("--ckpt and --data-root are required: the best/ (or last/) folder of a cleft.py run, "
+            "and the data it was trained on (see README).")
     rank, world_size, device = setup_distributed()
     dtype, autocast = autocast_for(cfg.dtype, device)
     classes = [name.strip() for name in cfg.classes.split(",")] if cfg.classes else FIVE_CLASSES
@@ -153,23 +149,23 @@ def main(argv=None):
     out = Path(cfg.out or Path(cfg.ckpt) / "prompt.safetensors")
     print0(f"config, where it differs from the defaults: {json.dumps(changed_fields(cfg))}\n"
            f"world size {world_size} on {device}, {dtype}")
-    if cfg.data == "demo":
-        demo.prepare(cfg.data_root)
     splits = labelled_splits(cfg, classes)
     if not (splits["train"] and splits["val"]):
         die(f"no train or no val image is positive for exactly one of {classes}: check "
             "--data-root and --classes.")
     print0("data: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items()) + f"; {classes}")
-    if (n := len(splits["val"])) < 100:  # the standard error of an accuracy near 50%: 50/sqrt(n)
-        print0(f"note: {n} held-out images: accuracy +-{50 / n**0.5:.0f} points (--val-fraction)")
+    if (n_val := len(splits["val"])) < 100:  # the standard error of a 50% accuracy: 50 / sqrt(n)
+        print0(f"note: {n_val} held-out images: accuracy +-{50 / n_val**0.5:.0f} points "
+               "(--val-fraction)")
 
     # both encoders frozen: every rank embeds its share of the images once, then all hold all
     model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
-    stage1, features = load_config(cfg.ckpt), {}  # its input size and its --image-cache
+    stage1 = load_config(cfg.ckpt)  # its input size and its --image-cache
+    features = {}  # split -> (image features (n, D), labels (n,))
     for name, records in splits.items():
         if records:
             dataset = XrayDataset(records, stage1.image_size, cache=stage1.image_cache)
-            batches = eval_batches(len(records), 32 * world_size)
+            batches = eval_batches(len(records), FEATURE_BATCH * world_size)
             loader = make_loader(dataset, batches, cfg.num_workers, device)
             features[name] = embed(model, loader, len(records), autocast, progress=True)
 
@@ -193,19 +189,22 @@ def main(argv=None):
     train_features, train_labels = features["train"]
     # class-balanced batches (the paper: the classes are learned "evenly"): 1 / class size each
     weights = (1 / torch.bincount(train_labels)[train_labels].float()).cpu()
-    best, loss_sum = None, 0.0
+    best_loss, best_step, best_context = math.inf, 0, None  # the held-out loss decides
+    losses = []  # since the last log line, on the device: read at log steps only
     for step in range(cfg.max_steps + 1):
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             with torch.no_grad(), autocast:
                 learned = learner.class_features(model)
-            acc_hand = scores("val", handwritten)[0]
+            acc_hand, _ = scores("val", handwritten)
             acc_learned, val_loss = scores("val", learned)
             record = {"step": step, "val_acc_hand_written": acc_hand,
                       "val_acc_learned": acc_learned, "val_loss": val_loss}
             log(log_file, record, f"step {step} | held-out zero-shot acc: hand-written "
                 f"{acc_hand:.1f} | learned {acc_learned:.1f} | held-out loss {val_loss:.4f}")
-            if best is None or val_loss < best[0]:  # smoother than accuracy on a small split
-                best = (val_loss, step, learner.context.detach().clone())
+            if best_context is None or val_loss < best_loss:  # smoother than accuracy
+                best_loss = val_loss
+                best_step = step
+                best_context = learner.context.detach().clone()
         if step == cfg.max_steps:
             break
 
@@ -224,25 +223,26 @@ def main(argv=None):
             dist.all_reduce(learner.context.grad, op=dist.ReduceOp.AVG)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()  # read at log steps only: no wait on the device each step
+        losses.append(loss.detach())
         progress.update(1)
         if (step + 1) % cfg.log_every == 0:
-            loss_sum = loss_sum.item() / cfg.log_every
-            log(log_file, {"step": step + 1, "loss": loss_sum, "lr": lr},
-                f"step {step + 1}/{cfg.max_steps} | loss {loss_sum:.4f} | lr {lr:.2e}")
-            loss_sum = 0.0
+            mean_loss = sum(losses).item() / len(losses)
+            log(log_file, {"step": step + 1, "loss": mean_loss, "lr": lr},
+                f"step {step + 1}/{cfg.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e}")
+            losses = []
     progress.close()
     with torch.no_grad():
-        learner.context.copy_(best[2])
+        learner.context.copy_(best_context)
     if "test" in features:  # reported once, for the chosen context: never used to choose it
         with torch.no_grad(), autocast:
-            learned = learner.class_features(model)
-        hand, learned = scores("test", handwritten)[0], scores("test", learned)[0]
-        log(log_file, {"test_acc_hand_written": hand, "test_acc_learned": learned},
-            f"5x200 zero-shot acc: hand-written {hand:.1f} | learned {learned:.1f}")
+            chosen = learner.class_features(model)
+        test_hand, _ = scores("test", handwritten)
+        test_learned, _ = scores("test", chosen)
+        log(log_file, {"test_acc_hand_written": test_hand, "test_acc_learned": test_learned},
+            f"5x200 zero-shot acc: hand-written {test_hand:.1f} | learned {test_learned:.1f}")
     if rank == 0:
-        save_prompt(out, learner, classes, cfg)
-    print0(f"done: best held-out loss {best[0]:.4f} at step {best[1]}; context saved to {out}")
+        save_prompt(out, learner.context, classes, cfg)
+    print0(f"done: best held-out loss {best_loss:.4f} at step {best_step}; context saved to {out}")
     if world_size > 1:
         dist.destroy_process_group()
 

@@ -22,17 +22,19 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from unittest.mock import patch
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import AutoConfig, AutoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cleft  # noqa: E402
 import demo  # noqa: E402
+import dry_run  # noqa: E402
 import prompt_tune  # noqa: E402
+from image_io import XrayDataset, load_image  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -101,9 +103,9 @@ def input_pipeline(folder, n, workers, batch=36, batches=6):
         for i, path in enumerate(paths):
             xray_jpeg(path, height, width, i)
         cache = folder / f"cache-{name[:4]}"
-        eval_view = lambda **kw: [cleft.load_image(p, 224, **kw) for p in paths]
+        eval_view = lambda **kw: [load_image(p, 224, **kw) for p in paths]
         training_view = lambda **kw: [
-            cleft.load_image(p, 224, np.random.default_rng(i), **kw) for i, p in enumerate(paths)
+            load_image(p, 224, np.random.default_rng(i), **kw) for i, p in enumerate(paths)
         ]
         base = n / timed(lambda: [baseline_load(p, 224) for p in paths], 3)
         first = n / timed(eval_view, 3)
@@ -123,7 +125,7 @@ def input_pipeline(folder, n, workers, batch=36, batches=6):
         )
         records = [(str(p), "") for p in paths] * -(-batch // n)
         for label, folder_ in (("decode every time", ""), ("cached", cache)):
-            dataset = cleft.XrayDataset(records, 224, cache=folder_)
+            dataset = XrayDataset(records, 224, cache=folder_)
             loader_rows.append(
                 [f"{name}, {label}", f"{loader_rate(dataset, batch, batches, workers):.0f}"]
             )
@@ -159,35 +161,24 @@ def batch_captions(batch):
     return [cleft.CAPTION_PREFIX + CAPTION_NAMES[i % 6] + second(i) for i in range(batch)]
 
 
-# architectures built like the tiny ones (random, offline, byte-level tokens) by swapping
-# demo.TINY's entries
+# (model type, config) of each benchmark size's towers, random and offline: 'tiny' is the demo's
+# pair; 'mid' a larger GPT-2 and DINOv2 with the same byte-level tokenizer
 SIZES = {
-    "tiny": {},
+    "tiny": {"text": demo.TINY["tiny-gpt2"], "vision": demo.TINY["tiny-dinov2"]},
     "mid": {
-        ("tiny", "text"): (
-            "gpt2",
-            dict(
-                vocab_size=257,
-                n_positions=512,
-                n_embd=512,
-                n_layer=8,
-                n_head=8,
-                bos_token_id=256,
-                eos_token_id=256,
-            ),
-        ),
-        ("tiny", "vision"): (
-            "dinov2",
-            dict(
-                hidden_size=384,
-                num_hidden_layers=6,
-                num_attention_heads=6,
-                image_size=224,
-                patch_size=14,
-            ),
-        ),
+        "text": ("gpt2", dict(vocab_size=257, n_positions=512, n_embd=512, n_layer=8, n_head=8,
+                              bos_token_id=256, eos_token_id=256)),
+        "vision": ("dinov2", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                                  image_size=224, patch_size=14)),
     },
 }
+
+
+DEMO_CONFIG = cleft.parse_config(demo.stage1_args("data"))  # the demo's sizes (captions: 256)
+
+
+def random_model(model_type, config):
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **config))
 
 
 # nominal dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets
@@ -237,11 +228,12 @@ def model_flops(model, images, captions, max_length):
 
 def naive_text(tower, captions, length=64):
     """The public code's text handling: every caption (duplicates too) padded to 64 tokens."""
+    eos_id = tower.tokenizer.eos_token_id
     ids = [
-        tower.tokenizer(c, add_special_tokens=False)["input_ids"][: length - 1] + [tower.eos_id]
+        tower.tokenizer(c, add_special_tokens=False)["input_ids"][: length - 1] + [eos_id]
         for c in captions
     ]
-    input_ids = torch.tensor([x + [tower.eos_id] * (length - len(x)) for x in ids], device=DEVICE)
+    input_ids = torch.tensor([x + [eos_id] * (length - len(x)) for x in ids], device=DEVICE)
     mask = torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in ids], device=DEVICE)
     return tower.pool_at_eos(
         torch.tensor([len(x) - 1 for x in ids], device=DEVICE),
@@ -289,14 +281,13 @@ def text_handling(steps, batch):
     captions = batch_captions(batch)
     bpe, rows = caption_tokenizer(), []
     for label in ("tiny", "mid"):
-        model_type, config = {**demo.TINY, **SIZES[label]}[("tiny", "text")]
-        big_vocab = {("tiny", "text"): (model_type, {**config, "vocab_size": 1024})}
-        with patch.dict(demo.TINY, big_vocab):
-            tower = cleft.TextTower("tiny", cleft.adapter_config("lora"), checkpointing=False)
+        model_type, config = SIZES[label]["text"]
+        lm = random_model(model_type, {**config, "vocab_size": 1024})  # room for the BPE's ids
+        tower = cleft.TextTower(lm, demo.tiny_tokenizer(), cleft.adapter_config("lora"),
+                                checkpointing=False)
         tower = tower.to(DEVICE).train()
         for tokens, tokenizer in (("byte-level", tower.tokenizer), ("BPE", bpe)):
-            tower.tokenizer, tower.eos_id, tower.pad_id = (tokenizer, tokenizer.eos_token_id,
-                                                           tokenizer.eos_token_id)
+            tower.tokenizer = tokenizer
             length = sum(len(tokenizer(c)["input_ids"]) + 1 for c in captions) / batch
             ours = timed(lambda: tower(captions).sum().backward(), 4 * steps)
             public = timed(lambda: naive_text(tower, captions).sum().backward(), 4 * steps)
@@ -307,21 +298,19 @@ def text_handling(steps, batch):
 
 
 def build(label, cfg):
-    """A CLEFT of one benchmark size. 'paper': BioMedLM + DINOv2 ViT-B/14 shapes with random weights
-    (GPU only), with the BPE caption tokenizer (BioMedLM-like caption lengths)."""
-    if label != "paper":
-        with patch.dict(demo.TINY, SIZES[label]):
-            return cleft.CLEFT(cfg).to(DEVICE)
-    with torch.device(
-        DEVICE
-    ):  # the architectures from their stored configs, randomly initialised on the device
-        paper = replace(
-            cfg, text_model="stanford-crfm/BioMedLM", vision_model="facebook/dinov2-base"
-        )
-        model = cleft.CLEFT(paper, weights=False)
-    model.text_tower.tokenizer = caption_tokenizer()  # realistic caption lengths
-    model.text_tower.eos_id = model.text_tower.pad_id = model.text_tower.tokenizer.eos_token_id
-    return model
+    """A CLEFT of one benchmark size with random weights, through cleft.build_model. 'paper':
+    BioMedLM + DINOv2 ViT-B/14 shapes (dry_run.py's stored architectures) built on the device,
+    with the BPE caption tokenizer (BioMedLM-like caption lengths)."""
+    if label == "paper":
+        paper = replace(cfg, text_model="stanford-crfm/BioMedLM",
+                        vision_model="facebook/dinov2-base")
+        load = lambda name, kind: (AutoModel.from_config(dry_run.architecture(name)),
+                                   caption_tokenizer() if kind == "text" else None)
+        with torch.device(DEVICE):
+            return cleft.build_model(paper, load=load)
+    load = lambda name, kind: (random_model(*SIZES[label][kind]),
+                               demo.tiny_tokenizer() if kind == "text" else None)
+    return cleft.build_model(cfg, load=load).to(DEVICE)
 
 
 def stage1(steps, batch):
@@ -333,9 +322,7 @@ def stage1(steps, batch):
     for label, size in configs:
         for checkpointing in (True, False):
             for text_handling in ("ours", "public code"):
-                cfg = replace(
-                    cleft.parse_config([]), image_size=size, grad_checkpointing=checkpointing
-                )
+                cfg = replace(DEMO_CONFIG, image_size=size, grad_checkpointing=checkpointing)
                 model = build(label, cfg).train()
                 if text_handling == "public code":
                     model.text_tower.forward = lambda c, tower=model.text_tower: naive_text(
@@ -413,9 +400,8 @@ def paper_shapes(steps, label="paper"):
                    "on" if checkpointing else "off", f"{cap} GiB" if cap and cuda else "-"]
         model = optimizer = None
         try:
-            models = {} if label == "paper" else dict(text_model="tiny", vision_model="tiny")
-            cfg = replace(cleft.parse_config(["--data", "chexpert"]), peft=peft, **models,
-                          grad_checkpointing=checkpointing, image_size=224 if cuda else 112)
+            cfg = replace(cleft.parse_config([]), peft=peft, grad_checkpointing=checkpointing,
+                          image_size=224 if cuda else 112)
             model = build(label, cfg).train()
             model = cleft.frozen_to_bf16(model) if bf16 else model
             if checkpointing and not lm_recompute and peft != "prefix":  # prefix: never on
@@ -460,12 +446,8 @@ def paper_shapes(steps, label="paper"):
 
 def stage2_and_eval(folder, steps):
     torch.manual_seed(0)
-    model = (
-        cleft.CLEFT(replace(cleft.parse_config([]), lora_dropout=0.0))
-        .to(DEVICE)
-        .eval()
-        .requires_grad_(False)
-    )
+    model = build("tiny", replace(DEMO_CONFIG, lora_dropout=0.0))
+    model = model.eval().requires_grad_(False)
     learner = prompt_tune.PromptLearner(model, cleft.FIVE_CLASSES, 30)
     optimizer = torch.optim.SGD([learner.context], lr=1e-3, momentum=0.9)
     paths = [folder / f"eval{i}.jpg" for i in range(1000)]
@@ -476,7 +458,7 @@ def stage2_and_eval(folder, steps):
     records = [(str(p), i % 5) for i, p in enumerate(paths)]
     workers = min(4, os.cpu_count() or 1)
     loader = cleft.make_loader(
-        cleft.XrayDataset(records, 112),
+        XrayDataset(records, 112),
         cleft.eval_batches(len(records), 64),
         workers,
         DEVICE,
@@ -485,7 +467,7 @@ def stage2_and_eval(folder, steps):
         lambda: cleft.embed(model, loader, len(records), nullcontext()), 1, warmup=0
     )
     features, labels = cleft.embed(model, loader, 36, nullcontext())
-    images = torch.stack([cleft.load_image(p, 112) for p, _ in records[:36]]).to(DEVICE)
+    images = torch.stack([load_image(p, 112) for p, _ in records[:36]]).to(DEVICE)
     labels = torch.tensor([c for _, c in records[:36]], device=DEVICE)
     cached_features = features[:36]
 

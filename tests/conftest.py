@@ -22,47 +22,46 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    """A small synthetic CheXpert-layout dataset (300 patients, 10 images per 5x200 class)."""
-    root = tmp_path_factory.mktemp("data") / "demo"
-    demo.make_demo_dataset(root, patients=300, per_class=10)
-    return root
-
-
-def tiny_config(**overrides):
-    """The demo's config (tiny models) with dropout off, so results are deterministic."""
-    return dataclasses.replace(cleft.parse_config([]), **{"lora_dropout": 0.0, **overrides})
-
-
-def tiny_model(**overrides):
-    """A tiny CLEFT in eval mode (no dropout in the random GPT-2 either); gradients still flow."""
-    import torch
-
-    torch.manual_seed(0)
-    return cleft.CLEFT(tiny_config(**overrides)).eval()
+def demo_folder(tmp_path_factory):
+    """What `python demo.py` writes, smaller: a synthetic CheXpert-layout dataset in FOLDER/demo
+    (300 patients, 10 images per 5x200 class) and the tiny models, saved with save_pretrained,
+    in FOLDER/tiny-gpt2, tiny-dinov2 and tiny-bert. Every test loads them by path."""
+    folder = tmp_path_factory.mktemp("demo")
+    demo.prepare(folder, patients=300, per_class=10)
+    return folder
 
 
 @pytest.fixture(scope="session")
-def stage1_ckpt(demo_root, tmp_path_factory):
+def demo_root(demo_folder):
+    return demo_folder / "demo"
+
+
+def stage1_flags(folder, *flags):
+    """cleft.py's flags for the demo folder (its data, its tiny models); later flags win."""
+    return [*demo.stage1_args(folder), *map(str, flags)]
+
+
+def tiny_config(folder, **overrides):
+    """The demo's stage-1 config (the tiny models in `folder`) with dropout off, so results are
+    deterministic."""
+    config = cleft.parse_config(stage1_flags(folder))
+    return dataclasses.replace(config, **{"lora_dropout": 0.0, **overrides})
+
+
+def tiny_model(folder, **overrides):
+    """A tiny CLEFT loaded from the folders in eval mode (no dropout in the random GPT-2 either);
+    gradients still flow."""
+    import torch
+
+    torch.manual_seed(0)
+    return cleft.build_model(tiny_config(folder, **overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def stage1_ckpt(demo_folder, tmp_path_factory):
     """A stage-1 checkpoint from a short run on the small demo (with an image cache, which stages 2
     and 3 reuse)."""
     out = tmp_path_factory.mktemp("stage1")
-    cleft.main(
-        [
-            "--data-root",
-            str(demo_root),
-            "--out-dir",
-            str(out),
-            "--max-steps",
-            "4",
-            "--eval-every",
-            "4",
-            "--batch-size",
-            "8",
-            "--num-workers",
-            "0",
-            "--image-cache",
-            str(out / "cache"),
-        ]
-    )
+    cleft.main(stage1_flags(demo_folder, "--out-dir", out, "--max-steps", 4, "--eval-every", 4,
+                            "--batch-size", 8, "--num-workers", 0, "--image-cache", out / "cache"))
     return out / "best"

@@ -1,11 +1,12 @@
-"""Run under `torchrun --nproc_per_node=N tests/dist_worker.py OUT.pt [--multi-positive] [--accum-
-steps K]`: each rank takes its slice of one fixed global batch and runs cleft.train_step under DDP;
-rank 0 saves the mean loss and the (DDP-averaged) gradients. test_distributed.py compares them with
-one process on the whole batch."""
+"""Run under `torchrun --nproc_per_node=N tests/dist_worker.py DEMO_FOLDER OUT.pt [--multi-positive]
+[--accum-steps K]`: each rank loads the tiny models from DEMO_FOLDER, takes its slice of one fixed
+global batch and runs cleft.train_step under DDP; rank 0 saves the mean loss and the (DDP-averaged)
+gradients. test_distributed.py compares them with one process on the whole batch."""
 
 import gc
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,8 @@ def loss_and_grads(model, images, captions, multi_positive=False, accum_steps=1)
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    model = DistributedDataParallel(tiny_model())
+    folder, out = Path(sys.argv[1]), sys.argv[2]
+    model = DistributedDataParallel(tiny_model(folder))
     images, captions = global_batch()
     per_rank = len(captions) // world_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -63,7 +65,7 @@ if __name__ == "__main__":
     )
     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
     if rank == 0:
-        torch.save({"loss": loss, "grads": grads}, sys.argv[1])
+        torch.save({"loss": loss, "grads": grads}, out)
     del model  # DDP holds the process group: free it first, or gloo can abort at exit
     gc.collect()
     dist.destroy_process_group()

@@ -168,7 +168,7 @@ def test_the_evaluation_view_keeps_the_whole_image(tmp_path, height, width):
     """Padded to a square, not cropped: every edge of the image is in view, the padding is black
     and where it should be (on the short side, evenly), and the view is deterministic."""
     Image.fromarray(framed(height, width)).save(tmp_path / "x.png")
-    view = cleft.load_image(tmp_path / "x.png", 64)[0]  # (64, 64)
+    view = image_io.load_image(tmp_path / "x.png", 64)[0]  # (64, 64)
     assert view.shape == (64, 64)
     content = view if height > width else view.T  # the long side down the rows
     assert (content[:, :15] == 0).all() and (content[:, 49:] == 0).all()  # padding, both sides
@@ -177,7 +177,7 @@ def test_the_evaluation_view_keeps_the_whole_image(tmp_path, height, width):
     for edge in (inside[1], inside[-2], inside[:, 1], inside[:, -2]):  # its white frame, in view
         assert edge.mean() > 0.9
     assert inside[6:-6, 6:-6].max() < 0.55  # and the gray inside it
-    torch.testing.assert_close(view, cleft.load_image(tmp_path / "x.png", 64)[0])
+    torch.testing.assert_close(view, image_io.load_image(tmp_path / "x.png", 64)[0])
 
 
 def test_training_views_stay_inside_the_padded_square(tmp_path):
@@ -185,12 +185,12 @@ def test_training_views_stay_inside_the_padded_square(tmp_path):
     square image shows no more dark area than rotated corners (far below the 25% a shift out of
     the square by a quarter of its side would show), and views are seeded."""
     Image.fromarray(np.full((200, 200), 255, np.uint8)).save(tmp_path / "white.png")
-    views = [cleft.load_image(tmp_path / "white.png", 64, np.random.default_rng(s))[0]
+    views = [image_io.load_image(tmp_path / "white.png", 64, np.random.default_rng(s))[0]
              for s in range(20)]
     assert max((view < 0.5).float().mean().item() for view in views) < 0.12
     assert not torch.equal(views[0], views[1])
     torch.testing.assert_close(
-        views[1], cleft.load_image(tmp_path / "white.png", 64, np.random.default_rng(1))[0])
+        views[1], image_io.load_image(tmp_path / "white.png", 64, np.random.default_rng(1))[0])
 
 
 def test_large_jpeg_is_decoded_reduced(tmp_path):
@@ -200,7 +200,7 @@ def test_large_jpeg_is_decoded_reduced(tmp_path):
     with Image.open(tmp_path / "big.jpg") as image:
         image.draft("L", (224, 224))
         assert image.size == (300, 350)  # decoded at 1/8 scale, still above 224
-    assert cleft.load_image(tmp_path / "big.jpg", 224).shape == (1, 224, 224)
+    assert image_io.load_image(tmp_path / "big.jpg", 224).shape == (1, 224, 224)
 
 
 def test_other_formats_are_reduced_by_a_whole_factor(tmp_path):
@@ -220,8 +220,8 @@ def test_image_cache_gives_the_same_views_without_decoding_again(tmp_path, monke
         path
     )
     views = lambda **kw: [
-        cleft.load_image(path, 64, **kw),
-        cleft.load_image(path, 64, np.random.default_rng(3), **kw),
+        image_io.load_image(path, 64, **kw),
+        image_io.load_image(path, 64, np.random.default_rng(3), **kw),
     ]
     expected = views()
     first = views(cache=cache)  # decodes and stores
@@ -241,33 +241,33 @@ def test_image_cache_gives_the_same_views_without_decoding_again(tmp_path, monke
     entries[0].write_bytes(
         entries[0].read_bytes()[:100]
     )  # a damaged entry is decoded again and replaced
-    assert torch.equal(cleft.load_image(path, 64, cache=cache), expected[0])
+    assert torch.equal(image_io.load_image(path, 64, cache=cache), expected[0])
     assert np.load(entries[0]).shape == (150, 125)
 
     Image.fromarray(np.zeros((1200, 1000), np.uint8)).save(
         path
     )  # a changed file is never served stale
     assert (
-        cleft.load_image(path, 64, cache=cache).abs().max() == 0
+        image_io.load_image(path, 64, cache=cache).abs().max() == 0
         and len(list(cache.glob("*/*.npy"))) == 2
     )
 
 
 def test_an_unwritable_image_cache_costs_speed_not_images(tmp_path, monkeypatch, capsys):
     Image.fromarray(np.full((80, 80), 200, np.uint8)).save(tmp_path / "a.png")
-    expected = cleft.load_image(tmp_path / "a.png", 64)
+    expected = image_io.load_image(tmp_path / "a.png", 64)
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     with pytest.warns(UserWarning, match="cannot write to the image cache"):
         torch.testing.assert_close(
-            cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache"), expected
+            image_io.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache"), expected
         )
     # a dataset checks its folder once, in the main process: one warning, above the progress bar
     # (not from each loader worker), and no cache
     for _ in range(2):
         records = [(str(tmp_path / "a.png"), 0)]
-        assert cleft.XrayDataset(records, 64, cache=str(tmp_path / "cache")).cache == ""
+        assert image_io.XrayDataset(records, 64, cache=str(tmp_path / "cache")).cache == ""
     assert capsys.readouterr().err.count("warning: cannot write to the image cache") == 1
-    assert cleft.XrayDataset([], 64, cache=str(tmp_path / "ok")).cache == str(tmp_path / "ok")
+    assert image_io.XrayDataset([], 64, cache=str(tmp_path / "ok")).cache == str(tmp_path / "ok")
 
     def disk_full(file, array):
         file.write(b"partial")
@@ -276,7 +276,7 @@ def test_an_unwritable_image_cache_costs_speed_not_images(tmp_path, monkeypatch,
     monkeypatch.setattr(np, "save", disk_full)
     with pytest.warns(UserWarning, match="No space left on device"):
         torch.testing.assert_close(
-            cleft.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache2"), expected
+            image_io.load_image(tmp_path / "a.png", 64, cache=tmp_path / "cache2"), expected
         )
     assert list((tmp_path / "cache2").rglob("*.*")) == []  # the partly written entry is gone
 
@@ -293,7 +293,7 @@ def test_worker_count_shares_the_cores_among_the_ranks_of_a_node(monkeypatch):
 def test_unreadable_images_are_skipped(tmp_path, capsys):
     Image.fromarray(np.full((40, 40), 200, np.uint8)).save(tmp_path / "good.jpg")
     (tmp_path / "truncated.jpg").write_bytes((tmp_path / "good.jpg").read_bytes()[:200])
-    dataset = cleft.XrayDataset(
+    dataset = image_io.XrayDataset(
         [
             (str(tmp_path / "missing.jpg"), "a"),
             (str(tmp_path / "truncated.jpg"), "b"),

@@ -35,16 +35,16 @@ def torchrun(*args, nproc=2):
 
 
 @pytest.mark.parametrize("multi_positive, accum_steps", [(False, 1), (True, 1), (False, 2)])
-def test_two_processes_equal_one(tmp_path, multi_positive, accum_steps):
+def test_two_processes_equal_one(demo_folder, tmp_path, multi_positive, accum_steps):
     """With --accum-steps 2 each rank runs 2 micro-batches (gradient cache, DDP synchronised on the
     last)."""
     out = tmp_path / "two.pt"
     flags = (["--multi-positive"] if multi_positive else []) + ["--accum-steps", str(accum_steps)]
-    result = torchrun(TESTS / "dist_worker.py", out, *flags)
+    result = torchrun(TESTS / "dist_worker.py", demo_folder, out, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(out, weights_only=True)
     images, captions = global_batch()
-    loss, grads = loss_and_grads(tiny_model(), images, captions, multi_positive)
+    loss, grads = loss_and_grads(tiny_model(demo_folder), images, captions, multi_positive)
     torch.testing.assert_close(two["loss"], loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == two["grads"].keys()
     for name in grads:  # projections, image tower, LoRA and the temperature

@@ -3,6 +3,7 @@ prompt in zero-shot, the RSNA / EMBED / CSV readers, and a full --task all run o
 
 import csv
 import json
+from contextlib import nullcontext
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 import cleft
 import evaluate
 import prompt_tune
+from checkpoints import save_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,12 +197,12 @@ def test_zero_shot_with_a_prompt_file_uses_the_learned_context(demo_root, stage1
     learner = prompt_tune.PromptLearner(
         model, data.class_texts, context_length=len(cleft.CAPTION_PREFIX.strip())
     )
-    prompt_tune.save_prompt(tmp_path / "init.safetensors", learner, data.classes, cfg)
+    save_prompt(tmp_path / "init.safetensors", learner.context, data.classes, cfg)
     cfg.prompt = str(tmp_path / "init.safetensors")
     assert evaluate.zero_shot(model, data, cfg, device, autocast) == pytest.approx(hand_written)
     with torch.no_grad():  # a different context gives a different classifier
         learner.context.copy_(torch.randn_like(learner.context))
-    prompt_tune.save_prompt(tmp_path / "noise.safetensors", learner, data.classes, cfg)
+    save_prompt(tmp_path / "noise.safetensors", learner.context, data.classes, cfg)
     cfg.prompt = str(tmp_path / "noise.safetensors")
     assert evaluate.zero_shot(model, data, cfg, device, autocast) != pytest.approx(hand_written)
 
@@ -396,7 +398,7 @@ def test_every_task_on_the_demo_fills_the_table(demo_root, stage1_ckpt, tmp_path
     learner = prompt_tune.PromptLearner(
         cleft.load_model(stage1_ckpt), [c.lower() for c in cleft.FIVE_CLASSES], 39
     )
-    prompt_tune.save_prompt(prompt, learner, cleft.FIVE_CLASSES, prompt_tune.PromptConfig())
+    save_prompt(prompt, learner.context, cleft.FIVE_CLASSES, prompt_tune.PromptConfig())
     out = tmp_path / "results.json"
     result = subprocess.run(
         [
@@ -441,3 +443,27 @@ def test_every_task_on_the_demo_fills_the_table(demo_root, stage1_ckpt, tmp_path
     assert len(cells) == 6 and all(
         float(c) >= 0 for c in cells
     )  # every column of Table 1 is filled
+
+
+def test_fine_tuning_trains_the_tower_in_training_mode(demo_root, stage1_ckpt, monkeypatch):
+    """The checkpoint is loaded in eval mode; the fine-tuned copy of its image tower and the head
+    are in training mode at every step (validation switches to eval and back), and the loaded
+    model itself is left as it was."""
+    cfg = config("--ckpt", str(stage1_ckpt), "--data-root", str(demo_root), "--num-workers", "0",
+                 "--max-steps", "4", "--eval-every", "2")
+    data = evaluate.load_data(cfg)
+    model = cleft.load_model(stage1_ckpt).eval().requires_grad_(False)
+    modes, real_fit = [], evaluate.fit
+
+    def fit(module, batch_loss, val_loss, cfg, desc):
+        def checked_batch_loss(step):
+            modes.append(all(m.training for m in module.modules()))
+            return batch_loss(step)
+
+        return real_fit(module, checked_batch_loss, val_loss, cfg, desc)
+
+    monkeypatch.setattr(evaluate, "fit", fit)
+    evaluate.fine_tune(model, data, cfg, torch.device("cpu"), nullcontext(),
+                       data.splits["train"][:16])
+    assert modes == [True] * 4
+    assert not any(m.training for m in model.modules())

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import cleft
-from conftest import tiny_config
+from conftest import tiny_model
 
 
 def eq1(image_features, text_features, scale, positives=None):
@@ -82,8 +82,8 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[110] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_no_weight_decay_on_scale_and_vectors():
-    model = cleft.CLEFT(tiny_config())
+def test_no_weight_decay_on_scale_and_vectors(demo_folder):
+    model = tiny_model(demo_folder)
     optimizer = cleft.make_optimizer(model, lr=1e-3, weight_decay=0.2)
     decayed, plain = (set(map(id, group["params"])) for group in optimizer.param_groups)
     assert (
@@ -94,9 +94,9 @@ def test_no_weight_decay_on_scale_and_vectors():
     assert len(decayed | plain) == sum(p.requires_grad for p in model.parameters())
 
 
-def test_ia3_vectors_get_no_weight_decay():
+def test_ia3_vectors_get_no_weight_decay(demo_folder):
     """peft stores IA3's scaling vectors as (d, 1) and (1, d) tensors: vectors all the same."""
-    model = cleft.CLEFT(tiny_config(peft="ia3"))
+    model = tiny_model(demo_folder, peft="ia3")
     optimizer = cleft.make_optimizer(model, lr=1e-3, weight_decay=0.2)
     decayed = set(map(id, optimizer.param_groups[0]["params"]))
     ia3 = [p for n, p in model.named_parameters() if "ia3_l" in n]

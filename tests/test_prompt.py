@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import cleft
+import demo
 import prompt_tune
+from image_io import XrayDataset, load_image
+from checkpoints import load_prompt
 from conftest import tiny_model
 from test_distributed import torchrun
 
@@ -28,8 +31,8 @@ def embed(model, text):
     )
 
 
-def test_assembled_sequence():
-    model = tiny_model()
+def test_assembled_sequence(demo_folder):
+    model = tiny_model(demo_folder)
     learner = prompt_tune.PromptLearner(model, ["Edema", "Pleural Effusion"], context_length=5)
     embeds = learner.inputs_embeds()
     lengths = [len(" edema") + 1, len(" pleural effusion") + 1]  # class tokens + EOS
@@ -49,8 +52,8 @@ def test_assembled_sequence():
         )
 
 
-def test_initialisation_copies_the_caption_into_the_last_slots():
-    model = tiny_model()
+def test_initialisation_copies_the_caption_into_the_last_slots(demo_folder):
+    model = tiny_model(demo_folder)
     caption = embed(model, CAPTION)  # (39, H)
     torch.manual_seed(0)
     longer = prompt_tune.PromptLearner(model, ["Edema"], context_length=50).context.detach()
@@ -66,8 +69,8 @@ def test_initialisation_copies_the_caption_into_the_last_slots():
 
 
 @pytest.mark.parametrize("peft", ["lora", "ia3", "prefix", "none"])
-def test_learned_prompt_starts_as_the_hand_written_one(peft):
-    model = tiny_model(peft=peft)
+def test_learned_prompt_starts_as_the_hand_written_one(demo_folder, peft):
+    model = tiny_model(demo_folder, peft=peft)
     with torch.no_grad():  # adapters away from their identity start, so they matter
         for p in model.text_tower.parameters():
             if p.requires_grad:
@@ -81,8 +84,8 @@ def test_learned_prompt_starts_as_the_hand_written_one(peft):
         )
 
 
-def test_only_the_context_learns():
-    model = tiny_model().requires_grad_(False)
+def test_only_the_context_learns(demo_folder):
+    model = tiny_model(demo_folder).requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     learner = prompt_tune.PromptLearner(model, cleft.FIVE_CLASSES, context_length=8)
     start = learner.context.detach().clone()
@@ -104,21 +107,21 @@ def test_only_the_context_learns():
     assert all(torch.equal(before[k], after[k]) for k in before)  # the encoders are bit-identical
 
 
-def test_cached_features_give_the_loss_of_recomputed_ones(demo_root):
-    model = tiny_model()
+def test_cached_features_give_the_loss_of_recomputed_ones(demo_folder, demo_root):
+    model = tiny_model(demo_folder)
     splits = prompt_tune.labelled_splits(
         cleft.parse_config(["--data-root", str(demo_root)], prompt_tune.PromptConfig),
         cleft.FIVE_CLASSES,
     )
     records = splits["train"][:20]
     loader = cleft.make_loader(
-        cleft.XrayDataset(records, 112),
+        XrayDataset(records, 112),
         cleft.eval_batches(len(records), 8),
         0,
         torch.device("cpu"),
     )
     cached, labels = cleft.embed(model, loader, len(records), torch.no_grad())
-    images = torch.stack([cleft.load_image(path, 112) for path, _ in records])
+    images = torch.stack([load_image(path, 112) for path, _ in records])
     with torch.no_grad():
         fresh = model.encode_image(images)
     learner = prompt_tune.PromptLearner(model, cleft.FIVE_CLASSES)
@@ -147,9 +150,9 @@ def run_prompt_tune(*args):
 FAST = ["--max-steps", "40", "--eval-every", "20", "--log-every", "10", "--num-workers", "0"]
 
 
-def test_demo_run_improves_the_loss_and_writes_the_prompt(demo_root, stage1_ckpt, tmp_path):
+def test_demo_run_improves_the_loss_and_writes_the_prompt(demo_folder, stage1_ckpt, tmp_path):
     out = tmp_path / "prompt.safetensors"
-    result = run_prompt_tune("--ckpt", stage1_ckpt, "--data-root", demo_root, "--out", out, *FAST)
+    result = run_prompt_tune(*demo.stage2_args(demo_folder, stage1_ckpt), "--out", out, *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 0 | held-out zero-shot acc: hand-written" in result.stdout
     assert (
@@ -163,9 +166,9 @@ def test_demo_run_improves_the_loss_and_writes_the_prompt(demo_root, stage1_ckpt
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert [r["step"] for r in records if "val_acc_learned" in r] == [0, 20, 40]
-    context, classes = prompt_tune.load_prompt(out)
+    context, classes = load_prompt(out)
     assert context.shape == (39, 64) and classes == cleft.FIVE_CLASSES
-    default = run_prompt_tune("--ckpt", stage1_ckpt, "--data-root", demo_root, "--max-steps", "2",
+    default = run_prompt_tune(*demo.stage2_args(demo_folder, stage1_ckpt), "--max-steps", "2",
                               "--num-workers", "0", "--val-fraction", "0.2")
     assert (
         default.returncode == 0 and (stage1_ckpt / "prompt.safetensors").exists()
@@ -174,35 +177,24 @@ def test_demo_run_improves_the_loss_and_writes_the_prompt(demo_root, stage1_ckpt
     assert larger > 3 * held_out  # --val-fraction 0.2 holds out four times the patients
 
 
-def test_two_processes_learn_the_same_context(demo_root, stage1_ckpt, tmp_path):
+def test_two_processes_learn_the_same_context(demo_folder, stage1_ckpt, tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    assert (
-        run_prompt_tune(
-            "--ckpt", stage1_ckpt, "--data-root", demo_root, "--out", one, *FAST
-        ).returncode
-        == 0
-    )
-    result = torchrun(
-        ROOT / "prompt_tune.py",
-        "--ckpt",
-        stage1_ckpt,
-        "--data-root",
-        demo_root,
-        "--out",
-        two,
-        *FAST,
-    )
+    flags = demo.stage2_args(demo_folder, stage1_ckpt)
+    assert run_prompt_tune(*flags, "--out", one, *FAST).returncode == 0
+    result = torchrun(ROOT / "prompt_tune.py", *flags, "--out", two, *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 40 | held-out") == 1  # rank 0 prints
     torch.testing.assert_close(
-        prompt_tune.load_prompt(two)[0], prompt_tune.load_prompt(one)[0], rtol=1e-4, atol=1e-5
+        load_prompt(two)[0], load_prompt(one)[0], rtol=1e-4, atol=1e-5
     )
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "--ckpt is required"),
+        ([], "--ckpt and --data-root are required"),
+        (["--ckpt", "CKPT", "--data", "csv", "--data-root", "HEADER_ONLY"],
+         "has a header and no rows"),
         (["--ckpt", "/nonexistent"], "no checkpoint in /nonexistent"),
         (
             ["--ckpt", "CKPT", "--classes", "Edema,Kidney Stone"],
@@ -210,19 +202,21 @@ def test_two_processes_learn_the_same_context(demo_root, stage1_ckpt, tmp_path):
         ),
     ],
 )
-def test_mistakes_end_in_one_clear_message(demo_root, stage1_ckpt, args, message):
-    result = run_prompt_tune(
-        "--data-root", demo_root, *[str(stage1_ckpt) if a == "CKPT" else a for a in args]
-    )
+def test_mistakes_end_in_one_clear_message(demo_root, stage1_ckpt, tmp_path, args, message):
+    (tmp_path / "labels.csv").write_text("image,label\n")
+    stand_in = {"CKPT": str(stage1_ckpt), "HEADER_ONLY": str(tmp_path / "labels.csv")}
+    result = run_prompt_tune("--data-root", demo_root, *[stand_in.get(a, a) for a in args])
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_prompt_file_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="run prompt_tune.py first"):
-        prompt_tune.load_prompt(tmp_path / "nothing.safetensors")
+    import evaluate
+
+    with pytest.raises(SystemExit, match="no prompt file at .*: run prompt_tune.py first"):
+        evaluate.main(["--ckpt", str(tmp_path), "--prompt", str(tmp_path / "nothing.safetensors")])
 
 
-def test_stage_2_through_main_changes_only_the_context(demo_root, stage1_ckpt, tmp_path,
+def test_stage_2_through_main_changes_only_the_context(demo_folder, stage1_ckpt, tmp_path,
                                                        monkeypatch):
     """prompt_tune.main itself: the encoders get no gradient and end bit-identical, and the
     optimizer is given the context alone."""
@@ -240,7 +234,7 @@ def test_stage_2_through_main_changes_only_the_context(demo_root, stage1_ckpt, t
     monkeypatch.setattr(prompt_tune, "load_model", load_model)
     monkeypatch.setattr(torch.optim, "SGD", sgd)
     out = tmp_path / "prompt.safetensors"
-    prompt_tune.main(["--ckpt", str(stage1_ckpt), "--data-root", str(demo_root), "--out", str(out),
+    prompt_tune.main([*demo.stage2_args(demo_folder, stage1_ckpt), "--out", str(out),
                       "--max-steps", "5", "--eval-every", "5", "--num-workers", "0"])
     (model,) = models
     before, after = real_load_model(stage1_ckpt).state_dict(), model.state_dict()
@@ -249,7 +243,7 @@ def test_stage_2_through_main_changes_only_the_context(demo_root, stage1_ckpt, t
     assert [p.shape for p in optimized] == [torch.Size([39, 64])]  # the context, (L, H)
 
 
-def test_stage_2_batches_are_class_balanced(demo_root, stage1_ckpt, tmp_path, monkeypatch):
+def test_stage_2_batches_are_class_balanced(demo_folder, stage1_ckpt, tmp_path, monkeypatch):
     """Each training image is drawn with weight 1 / (its class's size): every class weighs 1."""
     drawn, real_multinomial = [], torch.multinomial
 
@@ -258,15 +252,15 @@ def test_stage_2_batches_are_class_balanced(demo_root, stage1_ckpt, tmp_path, mo
         return real_multinomial(weights, *args, **kwargs)
 
     monkeypatch.setattr(torch, "multinomial", multinomial)
-    prompt_tune.main(["--ckpt", str(stage1_ckpt), "--data-root", str(demo_root), "--max-steps",
-                      "3", "--eval-every", "3", "--num-workers", "0",
+    prompt_tune.main([*demo.stage2_args(demo_folder, stage1_ckpt), "--max-steps", "3",
+                      "--eval-every", "3", "--num-workers", "0",
                       "--out", str(tmp_path / "p.safetensors")])
     weights = drawn[0]
     assert len(drawn) == 3 and weights.max() > 1.5 * weights.min()  # the demo's classes differ
     assert weights.sum().item() == pytest.approx(5.0)  # five classes, each of total weight 1
 
 
-def test_csv_labels_split_column_and_caption(tmp_path, capsys):
+def test_csv_labels_split_column_and_caption(demo_folder, tmp_path, capsys):
     rows = ["image,label,split", "a.png,cat,train", "b.png,,train", "c.png,dog,val",
             "d.png,dog,test", "e.png,dog,train"]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
@@ -275,7 +269,7 @@ def test_csv_labels_split_column_and_caption(tmp_path, capsys):
     splits = prompt_tune.labelled_splits(cfg, ["cat", "dog"])
     stems = {name: [(Path(path).stem, label) for path, label in splits[name]] for name in splits}
     assert stems == {"train": [("a", 0), ("e", 1)], "val": [("c", 1)], "test": []}
-    model = tiny_model()  # a caption longer than L: the note says it is cut
+    model = tiny_model(demo_folder)  # a caption longer than L: the note says it is cut
     learner = prompt_tune.PromptLearner(model, ["cat"], 10, init="a breast mammogram with")
     assert "the context starts from the last 10 of 23 tokens" in capsys.readouterr().out
     caption = embed(model, "a breast mammogram with")  # (23, H): one token per byte

@@ -18,21 +18,22 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import cleft
+from conftest import stage1_flags
 from test_distributed import TESTS
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "8", "--num-workers", "0", "--log-every", "1"]
 
 
-def train(data_root, out_dir, *flags):
-    """cleft.py in this process, with the fast settings (flags win over them)."""
-    cleft.main(["--data-root", str(data_root), "--out-dir", str(out_dir), *FAST, *map(str, flags)])
+def train(folder, out_dir, *flags):
+    """cleft.py in this process on the demo folder, with the fast settings (flags win)."""
+    cleft.main(stage1_flags(folder, "--out-dir", out_dir, *FAST, *flags))
 
 
-def run(data_root, out_dir, *flags):
-    """cleft.py in a fresh process, with the fast settings."""
-    command = [sys.executable, str(ROOT / "cleft.py"), "--data-root", str(data_root), "--out-dir",
-               str(out_dir), *FAST, *map(str, flags)]
+def run(folder, out_dir, *flags):
+    """cleft.py in a fresh process on the demo folder, with the fast settings."""
+    command = [sys.executable, str(ROOT / "cleft.py"),
+               *stage1_flags(folder, "--out-dir", out_dir, *FAST, *flags)]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
 
 
@@ -85,22 +86,13 @@ def losses(out):
     ]
 
 
-def test_sigkill_then_resume_is_bit_identical(demo_root, tmp_path):
-    # checkpoints at 5 and 10 fall inside a 2-step log interval: the partial loss sum is restored
-    # too
-    common = [
-        "--data-root",
-        demo_root,
-        "--max-steps",
-        14,
-        "--eval-every",
-        5,
-        "--warmup-steps",
-        3,
-        *FAST,
-        "--log-every",
-        2,
-    ]
+def test_sigkill_then_resume_is_bit_identical(demo_folder, tmp_path):
+    """The models load from their folders (in eval mode, as from_pretrained returns them) and
+    train with dropout (LoRA's and GPT-2's): the resumed run must set training mode itself.
+    Checkpoints at 5 and 10 fall inside a 2-step log interval: the partial loss sum is restored
+    too."""
+    common = stage1_flags(demo_folder, "--max-steps", 14, "--eval-every", 5, "--warmup-steps", 3,
+                          *FAST, "--log-every", 2)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     finish(start([*common, "--out-dir", straight]))
     cached = [
@@ -132,18 +124,24 @@ def test_sigkill_then_resume_is_bit_identical(demo_root, tmp_path):
     )
 
 
-def test_sigkill_then_resume_under_torchrun(demo_root, tmp_path):
-    args = [
-        "--data-root",
-        demo_root,
-        "--max-steps",
-        10,
-        "--eval-every",
-        4,
-        "--out-dir",
-        tmp_path,
-        *FAST,
-    ]
+def test_every_step_trains_in_training_mode_fresh_or_resumed(demo_folder, tmp_path, monkeypatch):
+    """from_pretrained returns its models in eval mode, and a resumed run skips the validation at
+    its first step: every module is in training mode at every step all the same."""
+    modes, real_train_step = [], cleft.train_step
+
+    def train_step(model, *args, **kwargs):
+        modes.append(all(module.training for module in model.modules()))
+        return real_train_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(cleft, "train_step", train_step)
+    train(demo_folder, tmp_path, "--max-steps", 2, "--eval-every", 2)
+    train(demo_folder, tmp_path, "--max-steps", 4, "--eval-every", 2, "--resume")
+    assert modes == [True] * 4
+
+
+def test_sigkill_then_resume_under_torchrun(demo_folder, tmp_path):
+    args = stage1_flags(demo_folder, "--max-steps", 10, "--eval-every", 4, "--out-dir", tmp_path,
+                        *FAST)
     process = start(args, torchrun=True)
     kill_after(process, tmp_path / "metrics.jsonl", 6)
     stdout = finish(start(args, torchrun=True))
@@ -154,16 +152,16 @@ def test_sigkill_then_resume_under_torchrun(demo_root, tmp_path):
     assert [step for step, _ in losses(tmp_path)] == list(range(1, 11))
 
 
-def test_a_different_config_is_never_resumed_silently(demo_root, tmp_path):
-    train(demo_root, tmp_path, "--max-steps", 2, "--eval-every", 2)
+def test_a_different_config_is_never_resumed_silently(demo_folder, tmp_path):
+    train(demo_folder, tmp_path, "--max-steps", 2, "--eval-every", 2)
     with pytest.raises(
         SystemExit, match=r"holds a run with a different config \(lr\): pass --resume"
     ):
-        train(demo_root, tmp_path, "--max-steps", 2, "--lr", "1e-3")
+        train(demo_folder, tmp_path, "--max-steps", 2, "--lr", "1e-3")
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path, monkeypatch):
-    train(demo_root, tmp_path, "--max-steps", 2, "--eval-every", 2)
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_folder, tmp_path, monkeypatch):
+    train(demo_folder, tmp_path, "--max-steps", 2, "--eval-every", 2)
     before = load_file(tmp_path / "last" / "model.safetensors")
     model = cleft.load_model(tmp_path / "last")
     optimizer = cleft.make_optimizer(model, lr=1e-3, weight_decay=0.2)
@@ -205,18 +203,18 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_root, tmp_path
     assert not (tmp_path / "last").exists()
     state = torch.load(cleft.checkpoint_dir(tmp_path / "last") / "state.pt", weights_only=True)
     assert state["step"] == 2  # found in last.old
-    stdout = run(demo_root, tmp_path, "--max-steps", 4, "--eval-every", 2, "--resume").stdout
+    stdout = run(demo_folder, tmp_path, "--max-steps", 4, "--eval-every", 2, "--resume").stdout
     assert "at step 2" in stdout and (tmp_path / "last" / "model.safetensors").exists()
     assert not (tmp_path / "last.old").exists() and not (tmp_path / "last.tmp").exists()
 
 
 def test_best_is_never_replaced_by_a_worse_run_and_nan_is_never_saved(
-    demo_root, tmp_path, monkeypatch
+    demo_folder, tmp_path, monkeypatch
 ):
     val_losses = iter([2.0, 1.0, 3.0, float("nan")])
     monkeypatch.setattr(cleft, "validate", lambda *args: {"val_loss": next(val_losses)})
     with pytest.raises(SystemExit, match="the validation loss became nan by step 6"):
-        train(demo_root, tmp_path, "--max-steps", 8, "--eval-every", 2)
+        train(demo_folder, tmp_path, "--max-steps", 8, "--eval-every", 2)
     best, last = (
         torch.load(tmp_path / d / "state.pt", weights_only=True) for d in ("best", "last")
     )
@@ -225,12 +223,13 @@ def test_best_is_never_replaced_by_a_worse_run_and_nan_is_never_saved(
 
 
 @pytest.fixture
-def damaged_demo(demo_root, tmp_path):
-    """A copy of the small demo in which two images of the first training batch are damaged (one
-    truncated, in rank 0's half under 2 processes; one missing, in rank 1's), and one validation
-    and one 5x200 test image are missing."""
-    root = tmp_path / "demo"
-    shutil.copytree(demo_root, root)
+def damaged_demo(demo_folder, tmp_path):
+    """A copy of the small demo folder in which two images of the first training batch are
+    damaged (one truncated, in rank 0's half under 2 processes; one missing, in rank 1's), and one
+    validation and one 5x200 test image are missing."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(demo_folder, folder)
+    root = folder / "demo"
     splits = cleft.load_splits(cleft.parse_config(["--data-root", str(root)]))
     first_batch = next(iter(cleft.TrainBatches(len(splits["train"]), 8, seed=42)))
     truncated, missing = (Path(splits["train"][first_batch[k][0]][0]) for k in (0, 5))
@@ -238,7 +237,7 @@ def damaged_demo(demo_root, tmp_path):
     missing.unlink()
     for name in ("val", "test"):
         Path(splits[name][0][0]).unlink()
-    return root, truncated, missing, Path(splits["val"][0][0]), Path(splits["test"][0][0])
+    return folder, truncated, missing, Path(splits["val"][0][0]), Path(splits["test"][0][0])
 
 
 def test_unreadable_images_are_skipped_counted_and_reported(damaged_demo, tmp_path):
@@ -257,8 +256,8 @@ def test_unreadable_images_are_skipped_counted_and_reported(damaged_demo, tmp_pa
 def test_unreadable_images_are_reported_once_by_rank_0_under_torchrun(damaged_demo, tmp_path):
     """Rank 1's unreadable training image reaches the user through rank 0, once, like the rest."""
     root, *damaged = damaged_demo
-    process = start(["--data-root", root, "--out-dir", tmp_path / "run", "--max-steps", 4,
-                     "--eval-every", 2, *FAST], torchrun=True)
+    process = start(stage1_flags(root, "--out-dir", tmp_path / "run", "--max-steps", 4,
+                                 "--eval-every", 2, *FAST), torchrun=True)
     stdout = finish(process)
     for path in damaged:
         assert process.stderr_text.count(f"warning: skipping unreadable image {path} (") == 1
@@ -294,7 +293,7 @@ def nan_at_step(n, monkeypatch):
 
 
 def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
-    demo_root, tmp_path, monkeypatch
+    demo_folder, tmp_path, monkeypatch
 ):
     """The loss is read at log steps only; whichever check meets the NaN first (the training
     loss at a log step, or the validation loss of the NaN weights), nothing after it is saved."""
@@ -303,14 +302,14 @@ def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
         nan_at_step(3, monkeypatch)
         out = tmp_path / str(log_every)
         with pytest.raises(SystemExit, match=message + f": {out}/last holds the last good"):
-            train(demo_root, out, "--max-steps", 6, "--eval-every", 2, "--log-every", log_every)
+            train(demo_folder, out, "--max-steps", 6, "--eval-every", 2, "--log-every", log_every)
         monkeypatch.undo()
         assert torch.load(out / "last" / "state.pt", weights_only=True)["step"] == 2
         weights = load_file(out / "last" / "model.safetensors").values()
         assert all(torch.isfinite(v).all() for v in weights)
 
 
-def test_clear_errors_for_empty_splits_and_uneven_batches(tmp_path, demo_root, monkeypatch):
+def test_clear_errors_for_empty_splits_and_uneven_batches(tmp_path, demo_folder, monkeypatch):
     (tmp_path / "train.csv").write_text(
         ",".join(cleft.CHEXPERT_COLUMNS)
         + "\n"
@@ -324,11 +323,11 @@ def test_clear_errors_for_empty_splits_and_uneven_batches(tmp_path, demo_root, m
     with pytest.raises(
         SystemExit, match="--batch-size 9 is the global batch and must divide by the 2 processes"
     ):
-        cleft.main(["--data-root", str(demo_root), "--batch-size", "9", "--out-dir", str(tmp_path)])
+        cleft.main(stage1_flags(demo_folder, "--batch-size", 9, "--out-dir", tmp_path))
 
 
-def test_checkpoints_never_run_pickled_code(demo_root, tmp_path):
-    train(demo_root, tmp_path, "--max-steps", 2, "--eval-every", 2)
+def test_checkpoints_never_run_pickled_code(demo_folder, tmp_path):
+    train(demo_folder, tmp_path, "--max-steps", 2, "--eval-every", 2)
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -336,7 +335,7 @@ def test_checkpoints_never_run_pickled_code(demo_root, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"step": 2, "payload": Payload()}, tmp_path / "last" / "state.pt")
-    result = run(demo_root, tmp_path, "--max-steps", 4, "--resume")
+    result = run(demo_folder, tmp_path, "--max-steps", 4, "--resume")
     assert (
         result.returncode != 0
         and "was refused unread" in result.stderr
@@ -354,13 +353,13 @@ def test_no_token_and_no_remote_code_in_the_sources():
         assert "trust_remote_code=True" not in text, path
 
 
-def test_the_logit_scale_never_exceeds_100(demo_root, tmp_path):
+def test_the_logit_scale_never_exceeds_100(demo_folder, tmp_path):
     """CLIP's clamp: after every step the scale is at most 100, even from a checkpoint above it."""
-    train(demo_root, tmp_path, "--eval-every", 2, "--max-steps", 2)
+    train(demo_folder, tmp_path, "--eval-every", 2, "--max-steps", 2)
     weights = load_file(tmp_path / "last" / "model.safetensors")
     weights["logit_scale"] = torch.tensor(math.log(1000.0))
     save_file(weights, tmp_path / "last" / "model.safetensors")
-    train(demo_root, tmp_path, "--eval-every", 2, "--max-steps", 4, "--resume")  # scale: 1000
+    train(demo_folder, tmp_path, "--eval-every", 2, "--max-steps", 4, "--resume")  # scale: 1000
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [r for r in map(json.loads, lines) if r["step"] > 2]
     logged = [r["logit_scale"] for r in records if "logit_scale" in r]

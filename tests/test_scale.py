@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 import cleft
-from conftest import tiny_config, tiny_model
+import dry_run
+from conftest import stage1_flags, tiny_model
 from dist_worker import global_batch
+from image_io import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def dry_run_counts(*flags):
     """(text tower trained, text tower total, image tower total, all total) of the paper-size model,
     on meta."""
-    cfg = cleft.parse_config(["--data", "chexpert", *flags])  # as dry_run.py: the paper's models
-    with torch.device("meta"):
-        model = cleft.CLEFT(cfg, weights=False)
+    model = dry_run.meta_model(cleft.parse_config(list(flags)))  # the paper's models
     count = lambda module, trained=False: sum(
         p.numel() for p in module.parameters() if p.requires_grad or not trained
     )
@@ -98,12 +98,11 @@ def test_preset_defaults_yield_to_flags():
         "clip",
         True,
     )
-    demo = cleft.parse_config(["--preset", "medclip-vit-l"])
-    assert (demo.text_model, demo.vision_model, demo.batch_size) == ("tiny-bert", "tiny", 32)
 
 
-def test_encoder_text_tower_reads_cls():
-    tower = cleft.TextTower("tiny-bert", max_length=12, train_lm=True)
+def test_encoder_text_tower_reads_cls(demo_folder):
+    encoder, tokenizer = cleft.load_pretrained(str(demo_folder / "tiny-bert"), "text")
+    tower = cleft.EncoderTextTower(encoder, tokenizer, max_length=12, train_lm=True)
     input_ids, mask, positions = tower.tokenize(["ab", "x" * 50])
     cls, sep, pad = (tower.tokenizer.convert_tokens_to_ids(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
     assert positions.tolist() == [0, 0] and input_ids.shape == (2, 12)
@@ -117,27 +116,14 @@ def test_encoder_text_tower_reads_cls():
     assert tower.model.pooler is None and all(p.requires_grad for p in tower.parameters())
 
 
-def test_preset_trains_on_the_demo(demo_root, tmp_path):
-    cleft.main(
-        [
-            "--preset",
-            "medclip-vit-l",
-            "--data-root",
-            str(demo_root),
-            "--out-dir",
-            str(tmp_path),
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "2",
-            "--batch-size",
-            "8",
-            "--num-workers",
-            "0",
-        ]
-    )
+def test_preset_trains_on_the_demo(demo_folder, tmp_path):
+    bert = demo_folder / "tiny-bert"
+    cleft.main(stage1_flags(demo_folder, "--preset", "medclip-vit-l", "--text-model", bert,
+                            "--out-dir", tmp_path, "--max-steps", 2, "--eval-every", 2,
+                            "--batch-size", 8, "--num-workers", 0))
     config = cleft.load_config(tmp_path / "last")
-    assert (config.text_model, config.augment, config.hflip) == ("tiny-bert", "clip", True)
+    assert (config.text_model, config.augment, config.hflip) == (str(bert), "clip", True)
+    assert isinstance(cleft.load_model(tmp_path / "last").text_tower, cleft.EncoderTextTower)
     saved = load_file(tmp_path / "last" / "model.safetensors")
     assert any(
         k.startswith("text_tower.model.encoder.layer.0") for k in saved
@@ -152,7 +138,7 @@ def test_clip_augmentation_is_a_centre_crop(tmp_path):
     pixels[:, 300:] = 255
     Image.fromarray(pixels).save(tmp_path / "wide.png")
     for seed in range(5):
-        view = cleft.load_image(
+        view = load_image(
             tmp_path / "wide.png", 64, np.random.default_rng(seed), affine=False
         )
         rows = view[0][16:48]  # the image; rows 0-15 and 48-63 are the padding to a square
@@ -165,8 +151,8 @@ def grads_of(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def perturbed_model(dropout):
-    model = tiny_model(lora_dropout=0.1 if dropout else 0.0)
+def perturbed_model(folder, dropout):
+    model = tiny_model(folder, lora_dropout=0.1 if dropout else 0.0)
     model.train(dropout)  # dropout on: train mode (LoRA and GPT-2 dropout)
     with torch.no_grad():
         for p in model.text_tower.parameters():
@@ -178,11 +164,11 @@ def perturbed_model(dropout):
 
 
 @pytest.mark.parametrize("multi_positive", [False, True])
-def test_accumulated_gradients_equal_the_full_batch_without_dropout(multi_positive):
+def test_accumulated_gradients_equal_the_full_batch_without_dropout(demo_folder, multi_positive):
     images, captions = global_batch()
     results = []
     for accum_steps in (1, 4):
-        model = perturbed_model(dropout=False)
+        model = perturbed_model(demo_folder, dropout=False)
         loss = cleft.train_step(model, images, captions, nullcontext(), accum_steps, multi_positive)
         results.append((loss, grads_of(model)))
     torch.testing.assert_close(results[1][0], results[0][0])
@@ -192,13 +178,13 @@ def test_accumulated_gradients_equal_the_full_batch_without_dropout(multi_positi
         )
 
 
-def test_accumulated_gradients_replay_dropout_exactly():
+def test_accumulated_gradients_replay_dropout_exactly(demo_folder):
     """Dropout on: gradient cache equals back-propagating the whole batch through one graph built
     from the same 4 micro-batch forwards (the same dropout masks), which is what a GPU with enough
     memory would compute."""
     images, captions = global_batch()
     torch.manual_seed(7)
-    model = perturbed_model(dropout=True)
+    model = perturbed_model(demo_folder, dropout=True)
     features = [
         model(images[k : k + 2], captions[k : k + 2]) for k in range(0, 8, 2)
     ]  # with a graph
@@ -208,7 +194,7 @@ def test_accumulated_gradients_replay_dropout_exactly():
     loss.backward()
     reference = grads_of(model)
     torch.manual_seed(7)
-    model = perturbed_model(dropout=True)
+    model = perturbed_model(demo_folder, dropout=True)
     cached_loss = cleft.train_step(model, images, captions, nullcontext(), accum_steps=4)
     torch.testing.assert_close(cached_loss, loss.detach())
     for name, grad in grads_of(model).items():
@@ -216,39 +202,23 @@ def test_accumulated_gradients_replay_dropout_exactly():
     assert reference["logit_scale"].abs() > 0
 
 
-def test_short_demo_run_with_accumulation(demo_root, tmp_path):
-    cleft.main(
-        [
-            "--data-root",
-            str(demo_root),
-            "--out-dir",
-            str(tmp_path),
-            "--max-steps",
-            "3",
-            "--eval-every",
-            "3",
-            "--batch-size",
-            "8",
-            "--accum-steps",
-            "4",
-            "--num-workers",
-            "0",
-        ]
-    )
+def test_short_demo_run_with_accumulation(demo_folder, tmp_path):
+    cleft.main(stage1_flags(demo_folder, "--out-dir", tmp_path, "--max-steps", 3, "--eval-every", 3,
+                            "--batch-size", 8, "--accum-steps", 4, "--num-workers", 0))
     assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 3
     with pytest.raises(SystemExit, match="each one's share must divide by --accum-steps 3"):
-        cleft.main(["--data-root", str(demo_root), "--batch-size", "8", "--accum-steps", "3",
-                    "--out-dir", str(tmp_path / "other")])
+        cleft.main(stage1_flags(demo_folder, "--batch-size", 8, "--accum-steps", 3,
+                                "--out-dir", tmp_path / "other"))
 
 
 @pytest.mark.parametrize("peft", ["lora", "ia3", "prefix"])
-def test_frozen_weights_in_bf16_are_exact_under_bf16_autocast(peft):
+def test_frozen_weights_in_bf16_are_exact_under_bf16_autocast(demo_folder, peft):
     """Under bf16 autocast the frozen LM's matmul weights are cast to bf16 at every use, so storing
     them in bf16 gives the same loss and the same gradient for every trained tensor."""
     images, captions = global_batch()
     results = []
     for cast in (False, True):
-        model = tiny_model(peft=peft)
+        model = tiny_model(demo_folder, peft=peft)
         with torch.no_grad():  # adapters away from their identity start, so they matter
             for p in model.text_tower.parameters():
                 if p.requires_grad:

@@ -14,7 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from image_io import load_image
+
 import cleft
+from conftest import stage1_flags
 from test_distributed import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +40,10 @@ def metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_demo_run_writes_checkpoints_and_metrics(demo_root, tmp_path):
+def test_demo_run_writes_checkpoints_and_metrics(demo_folder, tmp_path):
     out = tmp_path / "run"
-    result = run_cleft(
-        "--data-root", demo_root, "--out-dir", out, "--max-steps", 6, "--eval-every", 3, *FAST
-    )
+    result = run_cleft(*stage1_flags(demo_folder, "--out-dir", out, "--max-steps", 6,
+                                     "--eval-every", 3, *FAST))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 6/6 | loss" in result.stdout and "zero_shot_acc" in result.stdout
     records = metrics(out)
@@ -60,7 +62,7 @@ def test_demo_run_writes_checkpoints_and_metrics(demo_root, tmp_path):
     # the adapter is in peft's own format, and equal to the LoRA weights in model.safetensors
     from peft import PeftModel
 
-    base, _ = cleft.load_pretrained("tiny", "text")
+    base, _ = cleft.load_pretrained(str(demo_folder / "tiny-gpt2"), "text")
     adapted = PeftModel.from_pretrained(base, out / "last" / "adapter")
     ours = load_file(out / "last" / "model.safetensors")
     lora = {n: p for n, p in adapted.named_parameters() if "lora_" in n}
@@ -75,17 +77,19 @@ def test_demo_run_writes_checkpoints_and_metrics(demo_root, tmp_path):
 
 
 def test_torchrun_two_processes_with_a_validation_split_smaller_than_the_batch(
-    demo_root, tmp_path
+    demo_folder, tmp_path
 ):
     """17 validation images against a global batch of 32 (16 a rank): scored as one batch of 17,
     with finite losses and best/ saved, and at step 0 (the same weights, no dropout) the same value
-    as one process gives."""
-    flags = ["--data-root", demo_root, "--max-steps", 4, "--eval-every", 2, "--batch-size", 32,
-             "--num-workers", 0, "--log-every", 2, "--multi-positive"]
+    as one process gives. The models load from their folders on both ranks; rank 0 alone shows
+    the library's loading bars."""
+    flags = stage1_flags(demo_folder, "--max-steps", 4, "--eval-every", 2, "--batch-size", 32,
+                         "--num-workers", 0, "--log-every", 2, "--multi-positive")
     one, two = tmp_path / "one", tmp_path / "two"
-    cleft.main([*map(str, flags), "--out-dir", str(one), "--max-steps", "0"])
+    cleft.main([*flags, "--out-dir", str(one), "--max-steps", "0"])
     result = torchrun(ROOT / "cleft.py", *flags, "--out-dir", two)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Loading weights: 100%") == 2  # the image and the text model
     assert "data: 334 train, 17 val, 50 test" in result.stdout
     assert "world size 2" in result.stdout and result.stdout.count("step 4/4 | loss") == 1
     assert result.stdout.count("step 4 | val_loss") == 1  # rank 0 prints
@@ -97,11 +101,11 @@ def test_torchrun_two_processes_with_a_validation_split_smaller_than_the_batch(
     assert torch.load(two / "last" / "state.pt", weights_only=True)["step"] == 4
 
 
-def test_a_user_error_under_torchrun_is_printed_once(demo_root, tmp_path):
+def test_a_user_error_under_torchrun_is_printed_once(demo_folder, tmp_path):
     """Both ranks meet the mistake; rank 0 alone prints it, and every rank exits with code 1
     (torchrun then adds its own failure summary, with the exit codes)."""
-    result = torchrun(ROOT / "cleft.py", "--data-root", demo_root, "--out-dir", tmp_path,
-                      "--batch-size", 7, "--num-workers", 0)
+    result = torchrun(ROOT / "cleft.py", *stage1_flags(demo_folder, "--out-dir", tmp_path,
+                                                       "--batch-size", 7, "--num-workers", 0))
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1 and errors[0].startswith(
@@ -112,7 +116,7 @@ def test_a_user_error_under_torchrun_is_printed_once(demo_root, tmp_path):
     assert len(codes) == 2 and "1" in codes and set(codes) <= {"1", "-15"}
 
 
-def test_csv_pairs_with_three_validation_images_train(demo_root, tmp_path):
+def test_csv_pairs_with_three_validation_images_train(demo_folder, demo_root, tmp_path):
     """--data csv with a split column: 16 training pairs and 3 validation pairs, batch 8."""
     splits = cleft.load_splits(cleft.parse_config(["--data-root", str(demo_root)]))
     rows = [("train", *pair) for pair in splits["train"][:16]]
@@ -120,26 +124,24 @@ def test_csv_pairs_with_three_validation_images_train(demo_root, tmp_path):
     with open(tmp_path / "pairs.csv", "w", newline="") as f:
         csv.writer(f).writerows([("split", "image", "text"), *rows])  # captions hold commas
     out = tmp_path / "run"
-    cleft.main(["--data", "csv", "--data-root", str(tmp_path / "pairs.csv"), "--out-dir", str(out),
-                "--text-model", "tiny", "--vision-model", "tiny", "--image-size", "112",
-                "--max-steps", "2", "--eval-every", "2", *FAST])
+    cleft.main(stage1_flags(demo_folder, "--data", "csv", "--data-root", tmp_path / "pairs.csv",
+                            "--out-dir", out, "--max-steps", 2, "--eval-every", 2, *FAST))
     evaluations = [r for r in metrics(out) if "val_loss" in r]
     assert [r["step"] for r in evaluations] == [0, 2]
     assert all(0 < r["val_loss"] < 10 for r in evaluations)  # 3 pairs: log(3) ~ 1.1 at chance
     assert (out / "best" / "model.safetensors").exists()
 
 
-def test_validation_scores_fixed_batches_per_pair(demo_root):
+def test_validation_scores_fixed_batches_per_pair(demo_folder):
     """The validation loss is the mean over pairs of Eq. 1 within batches of the global batch
     size, the last one smaller: 17 pairs in batches of 8 are 8 + 8 + 1."""
-    cfg = cleft.parse_config(["--data-root", str(demo_root), "--batch-size", "8",
-                              "--num-workers", "0"])
+    cfg = cleft.parse_config(stage1_flags(demo_folder, "--batch-size", 8, "--num-workers", 0))
     splits = cleft.load_splits(cfg)
     _, val_loader, test_loader = cleft.make_loaders(splits, cfg, torch.device("cpu"), 1)
     torch.manual_seed(0)
-    model = cleft.CLEFT(cfg).eval()
+    model = cleft.build_model(cfg).eval()
     with torch.no_grad():
-        images = torch.stack([cleft.load_image(path, cfg.image_size) for path, _ in splits["val"]])
+        images = torch.stack([load_image(path, cfg.image_size) for path, _ in splits["val"]])
         image_features = model.encode_image(images)
         text_features = model.encode_text([caption for _, caption in splits["val"]])
         scale = model.logit_scale.exp()
@@ -157,51 +159,32 @@ def test_validation_scores_fixed_batches_per_pair(demo_root):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--data", "chexpert"], "needs --data-root"),
-        (
-            ["--data", "chexpert", "--data-root", "/nonexistent"],
-            "/nonexistent/train.csv does not exist: check --data-root",
-        ),
-        (
-            ["--data-root", "DEMO", "--batch-size", "100000"],
-            "training needs 100000 (one global batch), validation 1: lower --batch-size",
-        ),
-        (
-            [
-                "--data-root",
-                "DEMO",
-                "--batch-size",
-                "8",
-                "--resume",
-                "--out-dir",
-                "/nonexistent/run",
-            ],
-            "no checkpoint in /nonexistent/run/last",
-        ),
-        (
-            [
-                "--data-root",
-                "DEMO",
-                "--batch-size",
-                "8",
-                "--text-model",
-                "no-such-org/no-such-model",
-            ],
-            "HF_HUB_OFFLINE",
-        ),
+        (["--data", "chexpert"], "no data: pass --data-root"),
+        (["--data-root", "/nonexistent"],
+         "/nonexistent/train.csv does not exist: check --data-root"),
+        (["DEMO", "--batch-size", "100000"],
+         "training needs 100000 (one global batch), validation 1: lower --batch-size"),
+        (["DEMO", "--batch-size", "8", "--resume", "--out-dir", "/nonexistent/run"],
+         "no checkpoint in /nonexistent/run/last"),
+        (["DEMO", "--batch-size", "8", "--text-model", "no-such-org/no-such-model"],
+         "HF_HUB_OFFLINE"),
+        (["DEMO", "--data-root", "HEADER_ONLY"], "has a header and no rows"),
+        (["DEMO", "--data", "csv", "--data-root", "HEADER_ONLY/pairs.csv"],
+         "has a header and no rows"),
     ],
 )
-def test_mistakes_end_in_one_clear_message(demo_root, tmp_path, args, message):
+def test_mistakes_end_in_one_clear_message(demo_folder, tmp_path, args, message):
     """In process, for speed: a SystemExit carrying a message is what prints one line and no
-    traceback."""
+    traceback. DEMO stands for the demo's flags (later ones win); HEADER_ONLY for a folder whose
+    train.csv and pairs.csv have a header and no rows."""
+    (tmp_path / "train.csv").write_text(",".join(cleft.CHEXPERT_COLUMNS) + "\n")
+    (tmp_path / "pairs.csv").write_text("image,text\n")
+    demo_flags = stage1_flags(demo_folder, "--out-dir", tmp_path / "run")
+    flags = []
+    for arg in args:
+        flags += demo_flags if arg == "DEMO" else [arg.replace("HEADER_ONLY", str(tmp_path))]
     with pytest.raises(SystemExit) as error:
-        cleft.main(
-            [
-                "--out-dir",
-                str(tmp_path / "run"),
-                *[str(demo_root) if a == "DEMO" else a for a in args],
-            ]
-        )
+        cleft.main(flags)
     assert str(error.value).startswith("error: ") and message in str(error.value)
 
 
@@ -215,22 +198,10 @@ def test_mistakes_end_in_one_clear_message(demo_root, tmp_path, args, message):
         ["--train-embed", "--dtype", "bf16"],
     ],
 )
-def test_every_variant_trains_saves_and_reloads(demo_root, tmp_path, flags):
+def test_every_variant_trains_saves_and_reloads(demo_folder, tmp_path, flags):
     out = tmp_path / "run"
-    cleft.main(
-        [
-            "--data-root",
-            str(demo_root),
-            "--out-dir",
-            str(out),
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "2",
-            *FAST,
-            *flags,
-        ]
-    )
+    cleft.main(stage1_flags(demo_folder, "--out-dir", out, "--max-steps", 2, "--eval-every", 2,
+                            *FAST, *flags))
     saved = load_file(out / "last" / "model.safetensors")
     model = cleft.load_model(out / "last")
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
