@@ -688,7 +688,8 @@ def main(argv=None):
     for step in range(start_step, cfg.max_steps + 1):
         # evaluate and save every eval_every steps and at the end (a resumed run: not at its start)
         due = step % cfg.eval_every == 0 or step == cfg.max_steps
-        if due and not (state and step == start_step):
+        just_resumed = state is not None and step == start_step  # its checkpoint did it
+        if due and not just_resumed:
             report_unreadable(unreadable)  # the training images' since the last report
             record = {"step": step, **validate(model, val_loader, test_loader, autocast,
                                                cfg.batch_size)}

@@ -195,9 +195,10 @@ def stage1_args(folder, out_dir="runs/demo"):
     """cleft.py on the demo data and the tiny models. The byte-level tokenizer spends a token per
     character, so captions get 256; the tiny models take a larger step than BioMedLM."""
     return ["--data-root", f"{folder}/demo", "--text-model", f"{folder}/tiny-gpt2",
-            "--vision-model", f"{folder}/tiny-dinov2", "--image-size", "112", "--max-length", "256",
-            "--batch-size", "32", "--lr", "5e-4", "--warmup-steps", "30", "--max-steps", "300",
-            "--eval-every", "100", "--log-every", "20", "--num-workers", "2", "--out-dir", f"{out_dir}"]
+            "--vision-model", f"{folder}/tiny-dinov2", "--image-size", "112",
+            "--max-length", "256", "--batch-size", "32", "--lr", "5e-4", "--warmup-steps", "30",
+            "--max-steps", "300", "--eval-every", "100", "--log-every", "20",
+            "--num-workers", "2", "--out-dir", f"{out_dir}"]
 
 
 def stage2_args(folder, ckpt):

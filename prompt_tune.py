@@ -5,7 +5,6 @@ features computed once. The context goes to CKPT/prompt.safetensors (evaluate.py
 
     python prompt_tune.py --ckpt runs/cleft/best --data-root /data/chexpert   # the 5x200 classes
     torchrun --nproc_per_node=2 prompt_tune.py --ckpt runs/cleft/best --data-root /data/chexpert
-    python prompt_tune.py --ckpt runs/embed/best --data csv --data-root /data/embed/birads.csv
 """
 
 import json
@@ -64,7 +63,8 @@ def labelled_splits(cfg, classes):
             die(f"{cfg.data_root} has labels {unknown[:5]} that are not in --classes: list every "
                 "class name.")
         if not has_split:
-            for row in split_by_patient(rows, cfg.val_fraction, key=lambda r: r["image"])[1]:
+            _, held_out = split_by_patient(rows, cfg.val_fraction, key=lambda r: r["image"])
+            for row in held_out:
                 row["split"] = "val"
         pairs = lambda name: [(str(Path(cfg.data_root).parent / r["image"]),
                                classes.index(r["label"])) for r in rows
@@ -99,8 +99,8 @@ class PromptLearner(nn.Module):
         if context is None:  # from the hand-written caption; a longer one keeps its last L tokens
             ids = tokenize(init)
             if len(ids) > context_length:  # --context-length len(ids) keeps it all
-                print0(f"note: the context starts from the last {context_length} of {len(ids)} "
-                       "tokens")
+                print0(f"note: the context starts from the last {context_length} of "
+                       f"{len(ids)} tokens")
             ids = ids[-context_length:]
             with torch.no_grad():  # uniform, with the spread of the real embeddings
                 bound = embedding.weight.std().item() * 3 ** 0.5
@@ -109,8 +109,8 @@ class PromptLearner(nn.Module):
                 # the caption in the last slots, right before the class name, as when written out
                 context[context_length - len(ids):] = embedding(torch.tensor(ids).to(device))
         self.context = nn.Parameter(context.float().to(device))  # (L, H)
-        # " edema": tokenized as it follows "with" in the caption
         eos_id = tower.tokenizer.eos_token_id
+        # " edema": tokenized as it follows "with" in the caption
         class_ids = [tokenize(" " + name.lower()) + [eos_id] for name in classes]
         longest = max(map(len, class_ids))
         L = len(self.context)
