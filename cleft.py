@@ -113,7 +113,9 @@ def parse_config(argv=None, config_class=Config, description=__doc__):
     for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         help = f.metadata["help"]
-        if f.type is bool:  # --flag / --no-flag
+        if f.type is list:  # the files a script works on, given last (predict.py)
+            parser.add_argument(f.name, nargs="*", help=help)
+        elif f.type is bool:  # --flag / --no-flag
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
             parser.add_argument(flag, type=f.type, choices=f.metadata["choices"],
@@ -188,7 +190,6 @@ def all_gather_rows(x):  # x from every rank in rank order (all ranks call this)
     return GatherWithGrad.apply(x) if world()[1] > 1 else x
 
 # --- Data: CheXpert captions and the 5x200 rule, CSV pairs, patient split, samplers
-# (image_io.py turns an X-ray file into the model's input view, or reports it unreadable)
 # label columns of CheXpert's train.csv, in the header's order
 FINDINGS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
             "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
@@ -331,7 +332,6 @@ def make_loaders(splits, cfg, device, world_size, start_step=0):
     def loader(name, batches, **augmentation):
         dataset = XrayDataset(splits[name], cfg.image_size, cache=cfg.image_cache, **augmentation)
         return make_loader(dataset, batches, cfg.num_workers, device, persistent=name == "train")
-
     batches = TrainBatches(len(splits["train"]), cfg.batch_size, cfg.seed, start_step)
     return (iter(loader("train", batches, hflip=cfg.hflip, affine=cfg.augment == "cleft")),
             loader("val", eval_batches(len(splits["val"]), cfg.batch_size)),
@@ -355,8 +355,7 @@ class ImageTower(nn.Module):
     def __init__(self, vit, checkpointing=True):
         super().__init__()
         self.model = vit
-        # as the public code: the tokens of the last block as they are, without DINOv2's final
-        # LayerNorm (its scale and shift are left to the trained projection that follows)
+        # as the public code: the last block's tokens as they are, without DINOv2's final LayerNorm
         self.model.layernorm = nn.Identity()
         # used only by masked-image pre-training; DDP fails on a trained tensor with no gradient
         self.model.embeddings.mask_token.requires_grad_(False)
@@ -367,9 +366,12 @@ class ImageTower(nn.Module):
         for name, values in statistics.items():  # buffers: moved once with the model
             self.register_buffer(name, torch.tensor(values).view(3, 1, 1), persistent=False)
 
-    def forward(self, images):  # (B, 1 or 3, S, S) pixels in [0, 1] -> (B, width)
+    def tokens(self, images):  # (B, 1 or 3, S, S) pixels in [0, 1] -> (B, T, width): every token
         pixels = (images.expand(-1, 3, -1, -1) - self.mean) / self.std  # gray to 3 channels
-        return self.model(pixel_values=pixels).last_hidden_state.mean(dim=1)
+        return self.model(pixel_values=pixels).last_hidden_state
+
+    def forward(self, images):  # -> (B, width): the image feature, the mean of the tokens
+        return self.tokens(images).mean(dim=1)
 
 def adapter_config(kind, lora_r=8, lora_alpha=32, lora_dropout=0.1, prefix_tokens=20):
     """The peft config of `kind` for GPT-2 (paper section 3.3), or None for 'none'."""
@@ -474,12 +476,10 @@ def build_model(cfg, load=load_pretrained):
 
 def frozen_to_bf16(model):
     """Frozen matmul weights (GPT-2's Conv1D) in bf16, as bf16 autocast uses them: half the size."""
-    for module in model.modules():
-        if type(module).__name__ != "Conv1D":
-            continue
-        for p in module.parameters(recurse=False):
-            if not p.requires_grad:  # LoRA's and IA3's own weights stay fp32: they are trained
-                p.data = p.data.bfloat16()
+    frozen = [p for module in model.modules() if type(module).__name__ == "Conv1D"
+              for p in module.parameters(recurse=False) if not p.requires_grad]
+    for p in frozen:  # LoRA's and IA3's own weights are trained: they stay fp32
+        p.data = p.data.bfloat16()
     return model
 
 # --- Loss: symmetric InfoNCE over the global batch (paper Eq. 1)

@@ -30,7 +30,8 @@ from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches,
                    eval_batches, five_class_index, get_lr, load_config, load_model, make_loader,
                    make_optimizer, parse_config, print0, read_csv, split_by_patient)
 from image_io import XrayDataset
-from prompt_tune import PromptLearner, labelled_splits, zero_shot_logits
+from predict import class_features, zero_shot_probabilities
+from prompt_tune import labelled_splits
 
 # --- Config
 DATASETS = ["chexpert", "chexpert5x200", "rsna", "embed-birads", "embed-density", "csv"]
@@ -327,16 +328,12 @@ def scores(probabilities, labels):
 def zero_shot(model, data, cfg, device, autocast):
     """argmax over the classes of scale * cos(image, class prompt); the learned context with
     --prompt."""
-    with autocast:
-        if cfg.prompt:
-            context, _ = load_prompt(cfg.prompt)
-            learner = PromptLearner(model, data.class_texts, context=context.to(device))
-            class_features = learner.class_features(model)  # (C, D)
-        else:
-            class_features = model.encode_text(data.prompts)  # (C, D)
+    context = load_prompt(cfg.prompt)[0] if cfg.prompt else None
+    with autocast:  # (C, D)
+        classes = class_features(model, data.class_texts if cfg.prompt else data.prompts, context)
     image_features, labels = features_of(model, data.splits["test"], cfg, device, autocast)
-    logits = zero_shot_logits(model, image_features, class_features)
-    return scores(logits.softmax(dim=1).cpu().numpy(), labels)
+    return scores(zero_shot_probabilities(model, image_features, classes).cpu().numpy(),
+                  labels)
 
 def fit(module, batch_loss, val_loss, cfg, desc):
     """AdamW (no weight decay on biases and norms) for cfg.max_steps on batch_loss(step), with

@@ -3,8 +3,9 @@ From an X-ray file to the model's input: JPEGs decoded at reduced size, DICOMs s
 the optional `--image-cache DIR` (each image's small decoded copy kept after its first read: about
 40x faster for the 2 MB JPEGs of full-resolution CheXpert, the same pixels), the view the model
 sees (padded to a square; in training, zoom, rotation, shift and jitter), and the dataset that
-stands the next image in for an unreadable one and reports each such file once. cleft.py decides
-which images and targets; this file reads them.
+stands the next image in for an unreadable one and reports each such file once; and the overlay
+of a score map on a view (predict.py). cleft.py decides which images and targets; this file reads
+them.
 """
 
 import hashlib
@@ -178,3 +179,15 @@ class XrayDataset(Dataset):
             except (OSError, ValueError) as error:  # missing, truncated or corrupt
                 unreadable.append(f"{path} ({error})")
         raise RuntimeError(f"none of the {len(self)} images can be read: check --data-root.")
+
+
+def overlay_map(view, patch_map):
+    """The view (S, S), values in [0, 1], in gray with a map (h, w) of signed scores on it, one
+    block per patch: red where it adds to the score, blue where it takes away, as strong as
+    |value| / max |value| (predict.py's maps)."""
+    signed = patch_map / max(float(np.abs(patch_map).max()), 1e-12)  # in [-1, 1]
+    signed = np.asarray(Image.fromarray(signed.astype(np.float32)).resize(
+        view.shape[::-1], Image.Resampling.NEAREST))  # a block per patch: the terms as they are
+    color = np.where(signed[:, :, None] > 0, [1.0, 0.1, 0.1], [0.1, 0.3, 1.0])
+    alpha = 0.6 * np.abs(signed)[:, :, None]
+    return Image.fromarray(np.uint8(255 * ((1 - alpha) * view[:, :, None] + alpha * color)))
