@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
 
 import cleft
 import evaluate
@@ -118,8 +120,7 @@ def make_demo_dataset(root, patients=1200, per_class=50, seed=0):
                 splits[split].append({"Path": f"CheXpert-v1.0-small/{relative}", "Sex": sex,
                                       "Age": age, "Frontal/Lateral": view.capitalize(),
                                       "AP/PA": ap_pa, **labels})
-    from evaluate import build_5x200
-    five_by_n = build_5x200(splits["train"], per_class=per_class, seed=seed)
+    five_by_n = evaluate.build_5x200(splits["train"], per_class=per_class, seed=seed)
     tables = {"train.csv": splits["train"], "valid.csv": splits["valid"],
               "chexpert_5x200.csv": five_by_n}
     for name, rows in tables.items():
@@ -147,8 +148,6 @@ TINY = {  # folder name -> (transformers model type, config)
 def tiny_tokenizer(bert=False):
     """A byte-level tokenizer (256 bytes + EOS) that encodes any text and needs no download.
     bert=True adds BERT's [CLS] caption [SEP] framing and a [PAD] token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -166,7 +165,6 @@ def tiny_tokenizer(bert=False):
 def save_tiny_models(folder):
     """FOLDER/tiny-gpt2, tiny-dinov2 and tiny-bert (with their tokenizers), random with seed 0,
     written once; each is built in a temporary folder and renamed, so it is never half there."""
-    from transformers import AutoConfig, AutoModel
     for name, (model_type, kwargs) in TINY.items():
         target = Path(folder) / name
         if target.exists():

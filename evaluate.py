@@ -328,7 +328,9 @@ def scores(probabilities, labels):
 def zero_shot(model, data, cfg, device, autocast):
     """argmax over the classes of scale * cos(image, class prompt); the learned context with
     --prompt."""
-    context = load_prompt(cfg.prompt)[0] if cfg.prompt else None
+    context = None
+    if cfg.prompt:  # the learned context; the classes are the data set's
+        context, _ = load_prompt(cfg.prompt)
     with autocast:  # (C, D)
         classes = class_features(model, data.class_texts if cfg.prompt else data.prompts, context)
     image_features, labels = features_of(model, data.splits["test"], cfg, device, autocast)

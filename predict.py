@@ -91,7 +91,8 @@ def main(argv=None):
     prefix = "" if cfg.prompt else CAPTION_PREFIX  # a learned context replaces the caption
     with autocast:  # (C, D) each
         positive = class_features(model, [prefix + c.lower() for c in classes], context)
-        negative = class_features(model, [prefix + "no " + c.lower() for c in classes], context)
+        negatives = [prefix + "no " + c.lower() for c in classes]  # --multi-label's
+        negative = class_features(model, negatives, context) if cfg.multi_label else None
 
     paths = image_paths(cfg.images)
     if not paths:
@@ -134,7 +135,6 @@ def main(argv=None):
                 overlay_map(images[k, 0].float().cpu().numpy(), patches[shown]).save(
                     file.with_suffix(".png"))
     report_unreadable(unreadable)
-
     rows = [rows_by_index[index] for index in sorted(rows_by_index)]
     print0(" | ".join(["image", "prediction", *classes]))
     for row in rows:
