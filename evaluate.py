@@ -15,7 +15,7 @@ import csv
 import json
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches,
                    eval_batches, five_class_index, get_lr, load_config, load_model, make_loader,
                    make_optimizer, parse_config, print0, read_csv, split_by_patient)
 from image_io import XrayDataset
+from metrics import accuracy, auc, recall_at_k, resample_counts, summary
 from predict import class_features, zero_shot_probabilities
 from prompt_tune import labelled_splits
 
@@ -58,6 +59,8 @@ class EvalConfig:
     max_steps: int = arg(8000, "linear probe / fine-tune steps (paper: 8000)")
     eval_every: int = arg(500, "validate every N steps; the best validation loss is tested")
     seed: int = arg(0, "seed for the head, the batches and the --data-pct subset")
+    seeds: str = arg("", "linear/finetune: comma-separated seeds, e.g. 0,1,2, each with its own "
+                     "--data-pct subset: mean and sd over them")
     num_workers: int = arg(-1, "data-loading processes (-1: the CPU cores, less one)")
     val_fraction: float = arg(0.05, "CheXpert, csv: share of patients held out (as stage 1)")
     dtype: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
@@ -148,7 +151,7 @@ def rsna_balanced(target, root, seed=0):
 
 def rsna_data(cfg):
     """RSNA Pneumonia: a patient is positive if any of its boxes has Target 1. Images are
-    stage_2_train_images/<patientId>.png, .jpg or .dcm (the DICOM only through pydicom)."""
+    stage_2_train_images/<patientId>.png, .jpg or .dcm (DICOM needs pydicom)."""
     root = Path(cfg.data_root)
     target = {}
     for row in read_csv(root / "stage_2_train_labels.csv", ["patientId", "Target"]):
@@ -162,12 +165,6 @@ def rsna_data(cfg):
         die(f"no image for patient {patient} in {images}: expected {patient}.png, .jpg or .dcm.")
 
     paths = {p: image_of(p) for p in target}
-    if any(path.endswith(".dcm") for path in paths.values()):
-        try:
-            import pydicom  # noqa: F401
-        except ImportError:
-            die("the RSNA images are DICOM files: pip install pydicom, or convert them to PNG "
-                "with the same names.")
     parts = rsna_split(target) if cfg.rsna_split == "gloria" else rsna_balanced(target, root)
     splits = {name: [(paths[p], target[p]) for p in patients] for name, patients in parts.items()}
     texts = ["no finding", "pneumonia"]  # the public code's "pneumothorax" here is a bug
@@ -286,32 +283,6 @@ def subset(records, fraction, seed):
     keep = np.random.default_rng(seed).permutation(len(records))
     return [records[i] for i in sorted(keep[:max(1, round(fraction * len(records)))])]
 
-# --- Metrics (percent, as the paper's tables)
-def accuracy(probabilities, labels):
-    return 100 * float(np.mean(np.argmax(probabilities, axis=1) == labels))
-
-def binary_auc(scores, positive):
-    """ROC AUC = P(score of a positive > score of a negative), ties counting one half."""
-    values, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based; ties share their mean rank
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-def auc(probabilities, labels):
-    """Binary ROC AUC for two classes; otherwise the macro mean of one-vs-rest AUCs over the
-    softmax scores (classes with no positive or no negative in `labels` are left out)."""
-    if probabilities.shape[1] == 2:
-        return 100 * binary_auc(probabilities[:, 1], labels == 1)
-    per_class = [binary_auc(probabilities[:, c], labels == c)
-                 for c in range(probabilities.shape[1]) if 0 < (labels == c).sum() < len(labels)]
-    return 100 * float(np.mean(per_class))
-
-def recall_at_k(similarity, relevant, ks=(1, 5, 10)):
-    """similarity, relevant (queries, items): % of queries with a relevant item in the top k."""
-    order = np.argsort(-similarity, axis=1, kind="stable")
-    hits = np.take_along_axis(relevant, order, axis=1)
-    return {f"R@{k}": 100 * float(hits[:, :k].any(axis=1).mean()) for k in ks}
-
 # --- Tasks
 def features_of(model, records, cfg, device, autocast, encode=None):
     """(features, labels) of (path, class) records, evaluation view, computed once."""
@@ -321,8 +292,12 @@ def features_of(model, records, cfg, device, autocast, encode=None):
     features, labels = embed(model, loader, len(records), autocast, True, encode)
     return features, labels.cpu().numpy()
 
-def scores(probabilities, labels):
-    return {"acc": accuracy(probabilities, labels), "auc": auc(probabilities, labels)}
+def scores(runs, labels):
+    """Accuracy and AUC (%) of runs (the probabilities (n, C) of each seed) on the same test images,
+    each with its 95% bootstrap interval, and with several seeds the sd over them."""
+    counts = resample_counts(len(labels))  # (1 + 1000, n): the test set, then its resamples
+    return {**summary("acc", np.stack([accuracy(p, labels, counts) for p in runs])),
+            **summary("auc", np.stack([auc(p, labels, counts) for p in runs]))}
 
 @torch.no_grad()
 def zero_shot(model, data, cfg, device, autocast):
@@ -334,8 +309,7 @@ def zero_shot(model, data, cfg, device, autocast):
     with autocast:  # (C, D)
         classes = class_features(model, data.class_texts if cfg.prompt else data.prompts, context)
     image_features, labels = features_of(model, data.splits["test"], cfg, device, autocast)
-    return scores(zero_shot_probabilities(model, image_features, classes).cpu().numpy(),
-                  labels)
+    return scores([zero_shot_probabilities(model, image_features, classes).cpu().numpy()], labels)
 
 def fit(module, batch_loss, val_loss, cfg, desc):
     """AdamW (no weight decay on biases and norms) for cfg.max_steps on batch_loss(step), with
@@ -377,7 +351,7 @@ def linear_probe(model, data, cfg, device, autocast, train):
     val_loss = lambda: F.cross_entropy(head(x_val), y_val).item()
     fit(head, batch_loss, val_loss, cfg, "linear probe")
     with torch.no_grad():
-        return scores(head(x_test).softmax(dim=1).cpu().numpy(), y_test)
+        return head(x_test).softmax(dim=1).cpu().numpy(), y_test  # (n, C) probabilities, labels
 
 def fine_tune(model, data, cfg, device, autocast, train):
     """The image tower and a linear head trained end to end on augmented training images."""
@@ -410,7 +384,7 @@ def fine_tune(model, data, cfg, device, autocast, train):
     tower.eval()
     with torch.no_grad():
         logits, labels = features_of(model, data.splits["test"], cfg, device, autocast, classify)
-    return scores(logits.softmax(dim=1).cpu().numpy(), labels)
+    return logits.softmax(dim=1).cpu().numpy(), labels  # (n, C) probabilities, labels
 
 @torch.no_grad()
 def retrieval(model, data, cfg, device, autocast):
@@ -427,24 +401,37 @@ def retrieval(model, data, cfg, device, autocast):
                                    for i in range(0, len(captions), 256)])
     similarity = (image_features @ text_features.T).cpu().numpy()  # (images, captions)
     relevant = targets[:, None] == np.arange(len(captions))[None, :]
-    return {**{f"i2t_{k}": v for k, v in recall_at_k(similarity, relevant).items()},
-            **{f"t2i_{k}": v for k, v in recall_at_k(similarity.T, relevant.T).items()}}
+    results = {}  # the intervals resample the queries: images for i2t, captions for t2i
+    for direction, queries, hits in [("i2t", similarity, relevant),
+                                     ("t2i", similarity.T, relevant.T)]:
+        for name, values in recall_at_k(queries, hits, resample_counts(len(queries))).items():
+            results.update(summary(f"{direction}_{name}", values[None]))
+    return results
 
 # --- Results: results.json and a Markdown table in the layout of the paper's Table 1
+def cell(results, key):  # '66.74 (63.80-69.60)', the sd after the value with several seeds
+    if not results:
+        return "-"
+    low, high = results[f"{key}_ci95"]
+    sd = f" ± {results[f'{key}_sd']:.2f}" if f"{key}_sd" in results else ""
+    return f"{results[key]:.2f}{sd} ({low:.2f}-{high:.2f})"
+
 def markdown_table(report):
     r = report["results"]
-    cell = lambda task, metric: f"{r[task][metric]:.2f}" if r.get(task) else "-"
     prompt = ", learned prompt" if report["prompt"] else ""
     name = f"CLEFT ({Path(report['checkpoint']).parent.name}{prompt})"
-    cells = [cell(task, metric) for task in TASKS[:3] for metric in ("acc", "auc")]
-    lines = [f"{report['dataset']}, {report['data_pct']:.0%} of the training data",
+    cells = [cell(r.get(task), metric) for task in TASKS[:3] for metric in ("acc", "auc")]
+    seeds = report["seeds"]
+    over_seeds = f"; LP and FT: mean ± sd over seeds {seeds}" if len(seeds) > 1 else ""
+    lines = [f"{report['dataset']}, {report['data_pct']:.0%} of the training data{over_seeds}; "
+             "95% bootstrap intervals in parentheses",
              "| Method | ZS-Acc | ZS-AUC | LP-Acc | LP-AUC | FT-Acc | FT-AUC |",
              "|---|---|---|---|---|---|---|", f"| {name} | " + " | ".join(cells) + " |"]
     if r.get("retrieval"):
         keys = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
         lines += ["", "| Retrieval | I2T R@1 | I2T R@5 | I2T R@10 | T2I R@1 | T2I R@5 | T2I R@10 |",
                   "|---|---|---|---|---|---|---|",
-                  f"| {name} | " + " | ".join(f"{r['retrieval'][k]:.2f}" for k in keys) + " |"]
+                  f"| {name} | " + " | ".join(cell(r["retrieval"], k) for k in keys) + " |"]
     return "\n".join(lines)
 
 def main(argv=None):
@@ -459,7 +446,8 @@ def main(argv=None):
     data = load_data(cfg)
     if cfg.export:  # written by load_data; nothing to evaluate
         return
-    train = subset(data.splits["train"], cfg.data_pct, cfg.seed)
+    seeds = [int(seed) for seed in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
+    train = subset(data.splits["train"], cfg.data_pct, seeds[0])  # each seed's is as large
     print0(f"{cfg.data}: {len(train)} train ({cfg.data_pct:.0%}), {len(data.splits['val'])} val, "
            f"{len(data.splits['test'])} test images, {len(data.pairs)} image-caption pairs; "
            f"classes {data.classes}")
@@ -473,7 +461,13 @@ def main(argv=None):
         print0(f"{task} ...")
         if task in ("linear", "finetune"):
             run = linear_probe if task == "linear" else fine_tune
-            results[task] = run(model, data, cfg, device, autocast, train)
+            runs = []  # each seed's test probabilities (n, C), on the same test images
+            for seed in seeds:
+                seed_train = subset(data.splits["train"], cfg.data_pct, seed)
+                probabilities, labels = run(model, data, replace(cfg, seed=seed), device,
+                                            autocast, seed_train)
+                runs.append(probabilities)
+            results[task] = scores(runs, labels)
         else:
             run = zero_shot if task == "zeroshot" else retrieval
             results[task] = run(model, data, cfg, device, autocast)
@@ -483,7 +477,7 @@ def main(argv=None):
     counts = {"train": len(train), "val": len(data.splits["val"]),
               "test": len(data.splits["test"]), "pairs": len(data.pairs)}
     report = {"dataset": cfg.data, "checkpoint": str(cfg.ckpt), "prompt": cfg.prompt or None,
-              "data_pct": cfg.data_pct, "n_images": counts, "results": results,
+              "data_pct": cfg.data_pct, "seeds": seeds, "n_images": counts, "results": results,
               "config": asdict(cfg)}
     out = Path(cfg.out or Path(cfg.ckpt) / f"results_{cfg.data}.json")
     out.write_text(json.dumps(report, indent=2))

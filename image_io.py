@@ -1,11 +1,11 @@
 """
-From an X-ray file to the model's input: JPEGs decoded at reduced size, DICOMs scaled to 8 bits,
-the optional `--image-cache DIR` (each image's small decoded copy kept after its first read: about
-40x faster for the 2 MB JPEGs of full-resolution CheXpert, the same pixels), the view the model
-sees (padded to a square; in training, zoom, rotation, shift and jitter), and the dataset that
-stands the next image in for an unreadable one and reports each such file once; and the overlay
-of a score map on a view (predict.py). cleft.py decides which images and targets; this file reads
-them.
+From an X-ray file to the model's input: JPEGs decoded at reduced size, DICOMs windowed as a
+viewer shows them, the optional `--image-cache DIR` (each image's small decoded copy kept after its
+first read: about 40x faster for the 2 MB JPEGs of full-resolution CheXpert, the same pixels), the
+view the model sees (padded to a square; in training, zoom, rotation, shift and jitter), and the
+dataset that stands the next image in for an unreadable one and reports each such file once; and
+the overlay of a score map on a view (predict.py). cleft.py decides which images and targets; this
+file reads them.
 """
 
 import hashlib
@@ -36,22 +36,51 @@ def read_xray(path, size, cache=""):
 
 def decode_xray(path, size):
     """Shrunk by a whole factor while the shorter side stays >= size: a JPEG is decoded at 1/2,
-    1/4 or 1/8 scale (draft mode), others are box-reduced. A DICOM (optional pydicom) is scaled
-    by its maximum, MONOCHROME1 inverted (RSNA)."""
+    1/4 or 1/8 scale (draft mode), others are box-reduced; a DICOM is read as dicom_pixels."""
     if str(path).lower().endswith(".dcm"):
-        import pydicom
-        dicom = pydicom.dcmread(path)
-        pixels = dicom.pixel_array.astype(np.float32)
-        pixels = pixels / max(float(pixels.max()), 1e-6)
-        if dicom.get("PhotometricInterpretation") == "MONOCHROME1":
-            pixels = 1 - pixels
-        image = Image.fromarray((pixels * 255).astype(np.uint8))
+        image = Image.fromarray(np.uint8(np.round(255 * dicom_pixels(path))))
     else:
         with Image.open(path) as image:
             image.draft("L", (size, size))
             image = image.convert("L")
     factor = min(image.size) // size
     return image.reduce(factor) if factor > 1 else image
+
+
+def dicom_pixels(path):
+    """A DICOM's pixels in [0, 1] as a viewer shows them (pydicom): the modality LUT (rescale
+    slope and intercept), then the VOI LUT or else the first stored window, whose output range is
+    what the lowest and highest storable values become; without either, the image's minimum to
+    maximum. MONOCHROME1 (white is 0) is inverted."""
+    from pydicom import dcmread
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    dicom = dcmread(path)
+
+    def modality(stored):  # rescaled; whole numbers for a VOI LUT, a table
+        values = apply_modality_lut(stored, dicom)
+        return np.round(values).astype(np.int64) if "VOILUTSequence" in dicom else values
+
+    values = modality(dicom.pixel_array)
+    if "VOILUTSequence" in dicom or "WindowCenter" in dicom:
+        bits = dicom.BitsStored
+        storable = np.array([0, 2**bits - 1] if dicom.PixelRepresentation == 0  # unsigned
+                            else [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
+        low, high = apply_voi_lut(modality(storable), dicom)
+        values = apply_voi_lut(values, dicom)
+    else:
+        low, high = values.min(), values.max()
+    pixels = np.clip((values - low) / max(float(high - low), 1e-6), 0, 1)
+    return 1 - pixels if dicom.PhotometricInterpretation == "MONOCHROME1" else pixels
+
+
+def require_pydicom(records):
+    """One clear error, before any loader starts, when DICOM images meet no pydicom 3."""
+    if any(str(path).lower().endswith(".dcm") for path, _ in records):
+        try:
+            import pydicom.pixels  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: the images include DICOM files: pip install 'pydicom>=3', "
+                             "or convert them to PNG." if rank_0() else 1)
 
 
 def rank_0():  # this process prints the run's messages: plain python, or rank 0 under torchrun
@@ -161,6 +190,7 @@ class XrayDataset(Dataset):
 
     def __init__(self, records, image_size, hflip=False, affine=True, cache=""):
         self.records, self.image_size, self.hflip, self.affine = records, image_size, hflip, affine
+        require_pydicom(records)
         self.cache = usable_cache(cache)  # '' if that folder cannot be written
 
     def __len__(self):

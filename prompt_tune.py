@@ -1,14 +1,12 @@
-"""CLEFT stage 2: learn a context prompt shared by all classes, with both encoders frozen (paper
-section 2.2). The hand-written caption "this is a chest x ray of a patient with" becomes L
-learnable token embeddings, trained with the zero-shot classification cross-entropy on image
-features computed once. The context goes to CKPT/prompt.safetensors (evaluate.py --prompt).
+"""CLEFT stage 2 (paper section 2.2): with both encoders frozen, the hand-written caption "this is
+a chest x ray of a patient with" becomes L learnable token embeddings shared by all classes, trained
+with the zero-shot cross-entropy on image features computed once. Saved to CKPT/prompt.safetensors.
 
     python prompt_tune.py --ckpt runs/cleft/best --data-root /data/chexpert   # the 5x200 classes
     torchrun --nproc_per_node=2 prompt_tune.py --ckpt runs/cleft/best --data-root /data/chexpert
 """
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, EncoderTextTower, arg
                    get_lr, load_config, load_model, log, make_loader, parse_config, print0,
                    read_csv, setup_distributed, split_by_patient)
 from image_io import XrayDataset
+from metrics import paired_gain
 
 # --- Config
 @dataclass
@@ -99,8 +98,7 @@ class PromptLearner(nn.Module):
         if context is None:  # from the hand-written caption; a longer one keeps its last L tokens
             ids = tokenize(init)
             if len(ids) > context_length:  # --context-length len(ids) keeps it all
-                print0(f"note: the context starts from the last {context_length} of "
-                       f"{len(ids)} tokens")
+                print0(f"note: the context keeps the last {context_length} of {len(ids)} tokens")
             ids = ids[-context_length:]
             with torch.no_grad():  # uniform, with the spread of the real embeddings
                 bound = embedding.weight.std().item() * 3 ** 0.5
@@ -155,8 +153,7 @@ def main(argv=None):
             "--data-root and --classes.")
     print0("data: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items()) + f"; {classes}")
     if (n_val := len(splits["val"])) < 100:  # the standard error of a 50% accuracy: 50 / sqrt(n)
-        print0(f"note: {n_val} held-out images: accuracy +-{50 / n_val**0.5:.0f} points "
-               "(--val-fraction)")
+        print0(f"note: {n_val} held-out images: accuracy +-{50 / n_val**0.5:.0f} points")
 
     # both encoders frozen: every rank embeds its share of the images once, then all hold all
     model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
@@ -176,12 +173,12 @@ def main(argv=None):
     with torch.no_grad(), autocast:
         handwritten = model.encode_text([f"{init} {name.lower()}" for name in classes])  # (C, D)
 
-    def scores(split, class_features):  # (accuracy %, cross-entropy) of zero-shot classification
+    def zero_shot(split, class_features):  # (n,) right or not, and the class-balanced loss
         image_features, labels = features[split]
         logits = zero_shot_logits(model, image_features, class_features)
-        accuracy = 100 * (logits.argmax(dim=1) == labels).float().mean().item()
         weight = 1 / torch.bincount(labels, minlength=len(classes)).clamp(min=1).float()
-        return accuracy, F.cross_entropy(logits, labels, weight=weight).item()  # classes count same
+        loss = F.cross_entropy(logits, labels, weight=weight).item()
+        return (logits.argmax(dim=1) == labels).cpu().numpy(), loss
 
     log_file = start_metrics(out.with_suffix(".jsonl")) if rank == 0 else None  # beside `out`
     progress = tqdm(total=cfg.max_steps, disable=rank != 0, desc="prompt")
@@ -189,18 +186,19 @@ def main(argv=None):
     train_features, train_labels = features["train"]
     # class-balanced batches (the paper: the classes are learned "evenly"): 1 / class size each
     weights = (1 / torch.bincount(train_labels)[train_labels].float()).cpu()
-    best_loss, best_step, best_context = math.inf, 0, None  # the held-out loss decides
+    best_loss, best_step, best_context = float("inf"), 0, None  # the held-out loss decides
     losses = []  # since the last log line, on the device: read at log steps only
     for step in range(cfg.max_steps + 1):
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             with torch.no_grad(), autocast:
                 learned = learner.class_features(model)
-            acc_hand, _ = scores("val", handwritten)
-            acc_learned, val_loss = scores("val", learned)
-            record = {"step": step, "val_acc_hand_written": acc_hand,
-                      "val_acc_learned": acc_learned, "val_loss": val_loss}
-            log(log_file, record, f"step {step} | held-out zero-shot acc: hand-written "
-                f"{acc_hand:.1f} | learned {acc_learned:.1f} | held-out loss {val_loss:.4f}")
+            right_hand, _ = zero_shot("val", handwritten)
+            right_learned, val_loss = zero_shot("val", learned)
+            record = {"step": step, "val_acc_hand_written": 100 * right_hand.mean(),
+                      "val_acc_learned": 100 * right_learned.mean(), "val_loss": val_loss}
+            log(log_file, record, "step {step} | held-out zero-shot acc: hand-written "
+                "{val_acc_hand_written:.1f} | learned {val_acc_learned:.1f} | held-out loss "
+                "{val_loss:.4f}".format(**record))
             if best_context is None or val_loss < best_loss:  # smoother than accuracy
                 best_loss = val_loss
                 best_step = step
@@ -208,11 +206,9 @@ def main(argv=None):
         if step == cfg.max_steps:
             break
 
-        # one step: every rank takes the same batch of cached features and computes the same
-        # gradient; averaging keeps the contexts bit-identical where kernels are not deterministic
+        # every rank takes the same batch and gradient; the average keeps the contexts identical
         lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.param_groups[0]["lr"] = lr  # one group: the context
         index = torch.multinomial(weights, cfg.batch_size, True, generator=batches).to(device)
         with autocast:
             class_features = learner.class_features(model)  # (C, D)
@@ -236,10 +232,14 @@ def main(argv=None):
     if "test" in features:  # reported once, for the chosen context: never used to choose it
         with torch.no_grad(), autocast:
             chosen = learner.class_features(model)
-        test_hand, _ = scores("test", handwritten)
-        test_learned, _ = scores("test", chosen)
-        log(log_file, {"test_acc_hand_written": test_hand, "test_acc_learned": test_learned},
-            f"5x200 zero-shot acc: hand-written {test_hand:.1f} | learned {test_learned:.1f}")
+        right_hand, _ = zero_shot("test", handwritten)
+        right_learned, _ = zero_shot("test", chosen)
+        record = {"test_acc_hand_written": 100 * right_hand.mean(),
+                  "test_acc_learned": 100 * right_learned.mean(),
+                  **paired_gain("test_acc_gain", right_learned, right_hand)}
+        log(log_file, record, "5x200 zero-shot acc: hand-written {test_acc_hand_written:.1f} | "
+            "learned {test_acc_learned:.1f} | gain {test_acc_gain:+.1f} (paired 95% CI "
+            "{test_acc_gain_ci95[0]:+.1f} to {test_acc_gain_ci95[1]:+.1f})".format(**record))
     if rank == 0:
         save_prompt(out, learner.context, classes, cfg)
     print0(f"done: best held-out loss {best_loss:.4f} at step {best_step}; context saved to {out}")

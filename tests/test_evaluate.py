@@ -1,5 +1,5 @@
-"""evaluate.py: metrics against brute force, the 5x200 builder, data-efficiency subsets, the learned
-prompt in zero-shot, the RSNA / EMBED / CSV readers, and a full --task all run on the demo."""
+"""evaluate.py: the 5x200 builder, data-efficiency subsets, the learned prompt in zero-shot, the
+RSNA / EMBED / CSV readers, and a full --task all run on the demo, with intervals and seeds."""
 
 import csv
 import json
@@ -23,45 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def config(*args):
     return cleft.parse_config(list(args), evaluate.EvalConfig)
-
-
-def brute_force_auc(scores, positive):
-    pos, neg = scores[positive], scores[~positive]
-    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_binary_auc_equals_the_pair_count(seed):
-    rng = np.random.default_rng(seed)
-    scores = rng.integers(0, 6, 40) / 5  # few distinct values: many ties
-    positive = rng.random(40) < 0.4
-    assert evaluate.binary_auc(scores, positive) == pytest.approx(brute_force_auc(scores, positive))
-    probabilities = np.stack([1 - scores, scores], axis=1)
-    assert evaluate.auc(probabilities, positive.astype(int)) == pytest.approx(
-        100 * brute_force_auc(scores, positive)
-    )
-
-
-def test_multiclass_auc_is_the_macro_one_vs_rest_mean():
-    rng = np.random.default_rng(0)
-    logits = np.round(rng.normal(size=(60, 4)), 1)
-    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    labels = rng.integers(0, 4, 60)
-    expected = np.mean([brute_force_auc(probabilities[:, c], labels == c) for c in range(4)])
-    assert evaluate.auc(probabilities, labels) == pytest.approx(100 * expected)
-    assert evaluate.auc(np.eye(3)[[0, 1, 2, 0]], np.array([0, 1, 2, 0])) == 100.0
-
-
-def test_accuracy_and_recall_on_hand_made_cases():
-    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
-    assert evaluate.accuracy(probabilities, np.array([0, 1, 1, 1])) == 75.0
-    similarity = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8]])  # 2 queries, 3 items
-    relevant = np.array([[False, True, False], [False, False, True]])
-    assert evaluate.recall_at_k(similarity, relevant, ks=(1, 2, 3)) == {
-        "R@1": 50.0,
-        "R@2": 50.0,
-        "R@3": 100.0,
-    }
 
 
 def read_rows(path):
@@ -420,6 +381,8 @@ def test_every_task_on_the_demo_fills_the_table(demo_root, stage1_ckpt, tmp_path
             "0",
             "--data-pct",
             "0.5",
+            "--seeds",
+            "0,1",
             "--out",
             str(out),
         ],
@@ -430,19 +393,30 @@ def test_every_task_on_the_demo_fills_the_table(demo_root, stage1_ckpt, tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"zeroshot", "linear", "finetune", "retrieval"}
-    for task in ("zeroshot", "linear", "finetune"):
-        assert report["results"][task].keys() == {"acc", "auc"}
-        assert all(0 <= v <= 100 for v in report["results"][task].values())
-    assert set(report["results"]["retrieval"]) == {
-        f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)
-    }
+    results = report["results"]
+    assert set(results) == {"zeroshot", "linear", "finetune", "retrieval"}
+    assert results["zeroshot"].keys() == {"acc", "acc_ci95", "auc", "auc_ci95"}
+    for task in ("linear", "finetune"):  # two seeds: their mean, sd and the mean's interval
+        assert results[task].keys() == {f"{m}{s}" for m in ("acc", "auc")
+                                        for s in ("", "_ci95", "_sd")}
+    recalls = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert results["retrieval"].keys() == {f"{r}{s}" for r in recalls for s in ("", "_ci95")}
+    for task_results in results.values():  # every interval holds its value
+        for key, (low, high) in ((k, v) for k, v in task_results.items() if k.endswith("_ci95")):
+            value = task_results[key[:-len("_ci95")]]
+            assert 0 <= low <= value <= high <= 100, (key, value, low, high)
     assert report["n_images"]["test"] == 50 and report["data_pct"] == 0.5
+    assert report["seeds"] == [0, 1]
     table_row = [line for line in result.stdout.splitlines() if line.startswith("| CLEFT")][0]
-    cells = table_row.strip("|").split("|")[1:]
-    assert len(cells) == 6 and all(
-        float(c) >= 0 for c in cells
-    )  # every column of Table 1 is filled
+    cells = table_row.strip("|").split("|")[1:]  # every column of Table 1 is filled
+    assert len(cells) == 6
+    zs_acc = results["zeroshot"]["acc"]
+    low, high = results["zeroshot"]["acc_ci95"]
+    assert low < zs_acc < high  # 50 test images: an interval of some width
+    assert cells[0].strip() == f"{zs_acc:.2f} ({low:.2f}-{high:.2f})"
+    lp_acc = results["linear"]
+    assert cells[2].strip().startswith(f"{lp_acc['acc']:.2f} ± {lp_acc['acc_sd']:.2f} (")
+    assert "95% bootstrap intervals" in result.stdout
 
 
 def test_fine_tuning_trains_the_tower_in_training_mode(demo_root, stage1_ckpt, monkeypatch):

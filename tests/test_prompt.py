@@ -166,6 +166,13 @@ def test_demo_run_improves_the_loss_and_writes_the_prompt(demo_folder, stage1_ck
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert [r["step"] for r in records if "val_acc_learned" in r] == [0, 20, 40]
+    test = records[-1]  # the 5x200 report: the gain over the same images, with a paired interval
+    assert test["test_acc_gain"] == pytest.approx(
+        test["test_acc_learned"] - test["test_acc_hand_written"])
+    low, high = test["test_acc_gain_ci95"]
+    assert low <= test["test_acc_gain"] <= high
+    assert (f"gain {test['test_acc_gain']:+.1f} (paired 95% CI {low:+.1f} to {high:+.1f})"
+            in result.stdout)
     context, classes = load_prompt(out)
     assert context.shape == (39, 64) and classes == cleft.FIVE_CLASSES
     default = run_prompt_tune(*demo.stage2_args(demo_folder, stage1_ckpt), "--max-steps", "2",
@@ -271,6 +278,6 @@ def test_csv_labels_split_column_and_caption(demo_folder, tmp_path, capsys):
     assert stems == {"train": [("a", 0), ("e", 1)], "val": [("c", 1)], "test": []}
     model = tiny_model(demo_folder)  # a caption longer than L: the note says it is cut
     learner = prompt_tune.PromptLearner(model, ["cat"], 10, init="a breast mammogram with")
-    assert "the context starts from the last 10 of 23 tokens" in capsys.readouterr().out
+    assert "the context keeps the last 10 of 23 tokens" in capsys.readouterr().out
     caption = embed(model, "a breast mammogram with")  # (23, H): one token per byte
     torch.testing.assert_close(learner.context.detach(), caption[-10:])
