@@ -2,6 +2,7 @@
 RSNA / EMBED / CSV readers, and a full --task all run on the demo, with intervals and seeds."""
 
 import csv
+import dataclasses
 import json
 from contextlib import nullcontext
 import subprocess
@@ -166,6 +167,28 @@ def test_zero_shot_with_a_prompt_file_uses_the_learned_context(demo_root, stage1
     save_prompt(tmp_path / "noise.safetensors", learner.context, data.classes, cfg)
     cfg.prompt = str(tmp_path / "noise.safetensors")
     assert evaluate.zero_shot(model, data, cfg, device, autocast) != pytest.approx(hand_written)
+
+
+def test_the_zero_shot_accuracy_logged_in_training_is_evaluate_s(stage1_ckpt, demo_root):
+    """Stage 1's validation logs the zero-shot accuracy that evaluate.py reports for the same
+    checkpoint on the same images. The classes are given 10, 5, 3, 2 and 1 images, so even a model
+    that predicts one class for every image scores a different accuracy for each class it picks."""
+    stage1 = dataclasses.replace(cleft.load_config(stage1_ckpt), num_workers=0)
+    splits = cleft.load_splits(stage1)
+    five_by_ten = splits["test"]  # the demo's 5x200 set, 10 images per class
+    splits["test"] = [record for label, count in enumerate((10, 5, 3, 2, 1))
+                      for record in [r for r in five_by_ten if r[1] == label][:count]]
+    device = torch.device("cpu")
+    _, val_loader, test_loader = cleft.make_loaders(splits, stage1, device, world_size=1)
+    model = cleft.load_model(stage1_ckpt)
+    logged = cleft.validate(model, val_loader, test_loader, nullcontext(), stage1.batch_size)
+    cfg = config("--ckpt", str(stage1_ckpt), "--data-root", str(demo_root), "--num-workers", "0")
+    data = evaluate.load_data(cfg)
+    assert data.splits["test"] == five_by_ten  # both read the same (image, class) test set
+    data.splits["test"] = splits["test"]
+    evaluated = evaluate.zero_shot(model.eval(), data, cfg, device, nullcontext())
+    assert len(splits["test"]) == 21
+    assert logged["zero_shot_acc"] == pytest.approx(evaluated["acc"], abs=1e-4)  # an fp32 mean
 
 
 def test_rsna_split_matches_scikit_learn():

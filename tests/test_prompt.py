@@ -250,6 +250,37 @@ def test_stage_2_through_main_changes_only_the_context(demo_folder, stage1_ckpt,
     assert [p.shape for p in optimized] == [torch.Size([39, 64])]  # the context, (L, H)
 
 
+def test_stage_2_saves_the_context_of_the_lowest_held_out_loss(demo_folder, stage1_ckpt,
+                                                             tmp_path, monkeypatch):
+    """A learning rate that diverges makes later contexts worse: the file holds the context of
+    the step with the lowest held-out loss, not the last one, and the 5x200 report scores it."""
+    scored, records = [], []  # the contexts the held-out evaluations and the report score
+    real_class_features, real_log = prompt_tune.PromptLearner.class_features, prompt_tune.log
+
+    def class_features(self, model):
+        if not torch.is_grad_enabled():  # an evaluation, not a training step
+            scored.append(self.context.detach().clone())
+        return real_class_features(self, model)
+
+    def log(path, record, line):
+        records.append(record)
+        real_log(path, record, line)
+
+    monkeypatch.setattr(prompt_tune.PromptLearner, "class_features", class_features)
+    monkeypatch.setattr(prompt_tune, "log", log)
+    out = tmp_path / "prompt.safetensors"
+    prompt_tune.main([*demo.stage2_args(demo_folder, stage1_ckpt), "--out", str(out), "--lr", "30",
+                      "--warmup-steps", "0", "--max-steps", "8", "--eval-every", "1",
+                      "--num-workers", "0"])
+    val_losses = [r["val_loss"] for r in records if "val_loss" in r]  # steps 0 to 8
+    best = min(range(len(val_losses)), key=val_losses.__getitem__)
+    assert len(val_losses) == 9 and val_losses[-1] > val_losses[best]  # the end is worse
+    assert len(scored) == 10  # nine evaluations, then the report
+    context, _ = load_prompt(out)
+    assert torch.equal(context, scored[best]) and not torch.equal(context, scored[8])
+    assert torch.equal(scored[9], scored[best])
+
+
 def test_stage_2_batches_are_class_balanced(demo_folder, stage1_ckpt, tmp_path, monkeypatch):
     """Each training image is drawn with weight 1 / (its class's size): every class weighs 1."""
     drawn, real_multinomial = [], torch.multinomial

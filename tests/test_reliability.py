@@ -2,6 +2,7 @@
 while saving, best/ never replaced by a worse or NaN run, unreadable images, a non-finite loss,
 clear errors, and loading that runs no pickled code."""
 
+import csv
 import json
 import math
 import os
@@ -137,6 +138,46 @@ def test_every_step_trains_in_training_mode_fresh_or_resumed(demo_folder, tmp_pa
     train(demo_folder, tmp_path, "--max-steps", 2, "--eval-every", 2)
     train(demo_folder, tmp_path, "--max-steps", 4, "--eval-every", 2, "--resume")
     assert modes == [True] * 4
+
+
+def test_dropout_masks_change_every_step_and_repeat_after_a_resume(demo_folder, tmp_path,
+                                                                   monkeypatch):
+    """Every batch holds the same caption, so every step's text tower sees the same input shapes:
+    two steps draw different dropout masks (dropout is seeded by the step), and a resumed run draws
+    at steps 2 and 3 the masks that an uninterrupted run drew there."""
+    image = next((demo_folder / "demo" / "train").rglob("*.jpg"))
+    rows = [{"image": str(image), "text": "this is a chest x ray of a patient with edema",
+             "split": "val" if i < 2 else "train"} for i in range(18)]
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "text", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    masks, real_train_step = [], cleft.train_step  # per step: where each dropout layer zeroed
+
+    def train_step(model, *args, **kwargs):
+        zeros = []
+        hooks = [m.register_forward_hook(lambda m, i, out: zeros.append(out == 0))
+                 for m in model.text_tower.modules() if isinstance(m, torch.nn.Dropout) and m.p]
+        loss = real_train_step(model, *args, **kwargs)
+        for hook in hooks:
+            hook.remove()
+        masks.append(zeros)
+        return loss
+
+    monkeypatch.setattr(cleft, "train_step", train_step)
+    flags = ["--data", "csv", "--data-root", tmp_path / "pairs.csv", "--eval-every", 2,
+             "--lora-dropout", 0.5]
+    train(demo_folder, tmp_path / "straight", *flags, "--max-steps", 4)
+    straight = masks[:]
+    masks.clear()
+    train(demo_folder, tmp_path / "resumed", *flags, "--max-steps", 2)
+    train(demo_folder, tmp_path / "resumed", *flags, "--max-steps", 4, "--resume")
+    assert len(straight) == len(masks) == 4 and len(straight[0]) > 0
+    same = lambda a, b: len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(same(straight[step], masks[step]) for step in range(4))  # resumed at step 2
+    shapes = [[m.shape for m in step_masks] for step_masks in straight]
+    assert shapes[1] == shapes[2]  # the same input shapes, yet other masks:
+    assert not same(straight[1], straight[2]) and not same(straight[0], straight[1])
 
 
 def test_sigkill_then_resume_under_torchrun(demo_folder, tmp_path):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import cleft
 import dry_run
-from conftest import stage1_flags, tiny_model
+from conftest import stage1_flags, tiny_config, tiny_model
 from dist_worker import global_batch
 from image_io import load_image
 
@@ -238,6 +238,27 @@ def test_frozen_weights_in_bf16_are_exact_under_bf16_autocast(demo_folder, peft)
     assert all(dtypes[n] == torch.float32 for n in grads16)  # everything trained stays fp32
     embeddings = [n for n in dtypes if n.endswith(("wte.weight", "wpe.weight"))]
     assert len(embeddings) == 2 and all(dtypes[n] == torch.float32 for n in embeddings)
+
+
+@pytest.mark.parametrize("ablation", [{"peft": "lora"}, {"peft": "ia3"}, {"peft": "prefix"},
+                                      {"full_ft_lm": True}, {"train_embed": True}])
+def test_trained_parameters_stay_fp32_under_bf16(demo_folder, ablation):
+    """A bf16 run (the model as main builds it) stores the frozen LM's matmul weights in bf16, and
+    every trained parameter in fp32, the LM's own under --full-ft-lm included: Adam's small updates
+    to bf16 master weights would vanish."""
+    cfg = tiny_config(demo_folder, **ablation)
+    model, optimizer = cleft.model_and_optimizer(cfg, None, torch.device("cpu"), "bf16")
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(dtypes[n] == torch.float32 for n in trained)
+    assert all(p.dtype == torch.float32 for group in optimizer.param_groups
+               for p in group["params"])
+    lm_matmuls = [n for n in dtypes if n.endswith(("c_attn.weight", "c_attn.base_layer.weight"))]
+    assert len(lm_matmuls) == 2  # one per layer of the tiny GPT-2
+    if ablation.get("full_ft_lm"):  # trained: fp32, like every trained parameter
+        assert all(n in trained for n in lm_matmuls)
+    else:  # frozen: bf16, half the memory
+        assert all(dtypes[n] == torch.bfloat16 for n in lm_matmuls)
 
 
 def test_dry_run_never_asks_the_hub():
