@@ -25,6 +25,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from transformers.utils import logging as hf_logging
 
 from grad_cache import gradient_cache_step
 from checkpoints import saved_folder, save_checkpoint, start_metrics, trained_weights
-from image_io import UNREADABLE, XrayDataset, report_unreadable
+from image_io import UNREADABLE, XrayDataset, loader_workers, report_unreadable
 
 # peft 0.21 uses two arguments that transformers deprecates: hidden, as they are not ours to change
 warnings.filterwarnings("ignore", "`(is_gradient_checkpointing|past_key_values)` is deprecated")
@@ -143,14 +144,15 @@ def setup_distributed():  # (rank, world_size, device): nccl on CUDA, gloo on CP
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # the others wait in a collective while rank 0 saves (GBs with --full-ft-lm): 1 hour, not 10 min
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
     if dist.get_rank() > 0:  # the library's model-loading bars: rank 0's alone
         hf_logging.disable_progress_bar()
     return dist.get_rank(), dist.get_world_size(), device
 
 def autocast_for(dtype, device):
     """(name, context): 'auto' is bf16 autocast on CUDA, fp32 on CPU; weights stay fp32."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 parts
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 is fp32
     dtype = dtype if dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     return dtype, torch.autocast(device.type, torch.bfloat16) if dtype == "bf16" else nullcontext()
 
@@ -309,9 +311,7 @@ def eval_batches(n, batch_size):
             for start in range(0, len(indices), batch_size)]
 
 def make_loader(dataset, batches, num_workers, device, persistent=False):
-    if num_workers < 0:  # the node's cores shared among its ranks, one left for each rank
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        num_workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+    num_workers = loader_workers(num_workers)  # -1: the node's cores shared among its ranks
     # a generator of its own: starting the workers draws nothing from the global RNG, so when a
     # loader starts changes neither the model's initialisation nor anything seeded after it
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
@@ -329,8 +329,8 @@ def make_loaders(splits, cfg, device, world_size, start_step=0):
             f"training needs {cfg.batch_size} (one global batch), validation 1: lower --batch-size "
             "or check --data-root.")
 
-    def loader(name, batches, **augmentation):
-        dataset = XrayDataset(splits[name], cfg.image_size, cache=cfg.image_cache, **augmentation)
+    def loader(name, batches, **view):
+        dataset = XrayDataset(splits[name], cfg.image_size, name, cache=cfg.image_cache, **view)
         return make_loader(dataset, batches, cfg.num_workers, device, persistent=name == "train")
     batches = TrainBatches(len(splits["train"]), cfg.batch_size, cfg.seed, start_step)
     return (iter(loader("train", batches, hflip=cfg.hflip, affine=cfg.augment == "cleft")),
@@ -381,13 +381,12 @@ def adapter_config(kind, lora_r=8, lora_alpha=32, lora_dropout=0.1, prefix_token
     if kind == "ia3":
         return IA3Config(target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True,
                          feedforward_modules=["mlp.c_proj"])
-    if kind == "prefix":
-        return PrefixTuningConfig(num_virtual_tokens=prefix_tokens, task_type="FEATURE_EXTRACTION")
+    prefix = PrefixTuningConfig(num_virtual_tokens=prefix_tokens, task_type="FEATURE_EXTRACTION")
+    return prefix if kind == "prefix" else None
 
 class TextTower(nn.Module):
-    """A causal LM read at the end-of-sequence token: with causal attention, the one position that
-    has seen the whole caption (paper 2.1). The LM is frozen unless train_lm; the adapter (a peft
-    config) is what is trained."""
+    """A causal LM read at the end-of-sequence token, the one position that has seen the whole
+    caption (paper 2.1). The LM is frozen unless train_lm; the adapter (peft config) is trained."""
 
     def __init__(self, lm, tokenizer, adapter=None, max_length=64, train_lm=False,
                  checkpointing=True):
@@ -396,32 +395,33 @@ class TextTower(nn.Module):
         self.max_length = max_length
         self.width = lm.config.hidden_size
         lm.requires_grad_(train_lm)
-        if checkpointing and getattr(adapter, "peft_type", "") != "PREFIX_TUNING":  # peft: not both
-            lm.config.use_cache = False  # no key/value cache to keep: every caption is seen whole
-            lm.activation_checkpointing_enable()  # non-reentrant, as for the image tower
+        self.prefix = getattr(adapter, "peft_type", "") == "PREFIX_TUNING"  # its prefix: a cache
         self.model = lm if adapter is None else get_peft_model(lm, adapter)
+        if checkpointing and not self.prefix:  # peft supports not both
+            lm.activation_checkpointing_enable()  # non-reentrant, as for the image tower
+            lm.disable_input_require_grads()  # its hook: backward through the frozen LM for nothing
 
     def tokenize(self, captions):
-        """(input_ids (B, T), attention_mask (B, T), EOS positions (B,)): an EOS appended and kept
-        under truncation, right-padded to the longest caption only (GPT-2 pads with its EOS)."""
+        """(input_ids (B, T), causal mask (1, 1, T, T), EOS positions (B,)); right-padded, EOS kept
+        under truncation. No EOS sees the padding after it: no padding mask (GPT-2: 2 host syncs)"""
         eos_id = self.tokenizer.eos_token_id
         ids = self.tokenizer(captions, add_special_tokens=False)["input_ids"]
         ids = [x[:self.max_length - 1] + [eos_id] for x in ids]
         longest = max(len(x) for x in ids)
         input_ids = torch.tensor([x + [eos_id] * (longest - len(x)) for x in ids])
-        attention_mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids])
-        return input_ids, attention_mask, torch.tensor([len(x) - 1 for x in ids])
+        causal = torch.ones(1, 1, longest, longest, dtype=torch.bool).tril()  # True: attended
+        return input_ids, causal, torch.tensor([len(x) - 1 for x in ids])
 
     def forward(self, captions):  # list of B strings -> (B, width)
         unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # labels repeat: once each
         tensors = *self.tokenize(list(unique)), torch.tensor([unique[c] for c in captions])
         input_ids, mask, eos, index = (to_device(t, self.model.device) for t in tensors)
+        mask = None if self.prefix else mask  # peft masks the prefix by its length
         pooled = self.pool_at_eos(eos, input_ids=input_ids, attention_mask=mask)  # (U, width)
         return pooled[index]  # (B, width)
 
-    def pool_at_eos(self, eos_positions, **inputs):
-        """The LM on input_ids or inputs_embeds (B, T, ...), read at the EOS: (B, width)."""
-        hidden = self.model(**inputs).last_hidden_state  # (B, T, width)
+    def pool_at_eos(self, eos_positions, **inputs):  # the LM on ids or embeddings, at the EOS
+        hidden = self.model(**inputs, use_cache=False).last_hidden_state  # (B, T, width)
         return hidden[torch.arange(len(hidden), device=hidden.device), eos_positions]
 
 class EncoderTextTower(TextTower):
@@ -648,9 +648,9 @@ def model_and_optimizer(cfg, state, device, dtype):
     """The model (OUT/last/'s trained weights when resuming) in training mode, and its AdamW."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = load_model(Path(cfg.out_dir) / "last", cfg) if state else build_model(cfg)
-    model = model.to(device).train()  # set, not inherited: from_pretrained returns eval mode
-    if dtype == "bf16":
+    if dtype == "bf16":  # before the move: the fp32 copy never reaches the device
         frozen_to_bf16(model)
+    model = model.to(device).train()  # set, not inherited: from_pretrained returns eval mode
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, fused=device.type == "cuda")
     if state:  # the optimizer's tensors are copied to its parameters' device, the CPU copy freed
         optimizer.load_state_dict(state.pop("optimizer"))

@@ -359,7 +359,11 @@ def fine_tune(model, data, cfg, device, autocast, train):
     tower.model.embeddings.mask_token.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     head = nn.Linear(tower.width, len(data.classes)).to(device)
-    classify = lambda images: head(tower(images).float())  # (B, C) logits in fp32
+
+    def classify(images):  # (B, C) logits: the tower under the caller's autocast, the head in fp32
+        features = tower(images).float()
+        with torch.autocast(device.type, enabled=False):
+            return head(features)
     stage1, batch = load_config(cfg.ckpt), min(cfg.batch_size, len(train))
     train_set = XrayDataset(train, stage1.image_size, cache=stage1.image_cache)
     val_set = XrayDataset(data.splits["val"], stage1.image_size, cache=stage1.image_cache)
@@ -441,6 +445,8 @@ def main(argv=None):
     if cfg.prompt and not Path(cfg.prompt).is_file():
         die(f"no prompt file at {cfg.prompt}: run prompt_tune.py first, or drop --prompt to use "
             "the hand-written prompts.")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        die("evaluate.py runs in one process, on one GPU: start it with python, not torchrun.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype, autocast = autocast_for(cfg.dtype, device)
     data = load_data(cfg)

@@ -83,6 +83,13 @@ def require_pydicom(records):
                              "or convert them to PNG." if rank_0() else 1)
 
 
+def loader_workers(requested):  # -1: the node's cores shared among its ranks, one left for each
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
 def rank_0():  # this process prints the run's messages: plain python, or rank 0 under torchrun
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -184,12 +191,31 @@ def load_image(path, size, rng=None, hflip=False, affine=True, cache=""):
     return torch.from_numpy(np.ascontiguousarray(pixels))[None]  # (1, S, S)
 
 
+class NoReadableImage(RuntimeError):
+    """A split none of whose images can be read: the run ends with one `error:` line (below)."""
+
+
+def one_line_for_unreadable_splits(kind, error, trace, default=sys.excepthook):
+    """sys.excepthook: NoReadableImage, raised in a loader worker and raised again by the loader
+    with the worker's traceback in its text, is printed as its last line alone (by rank 0)."""
+    if not issubclass(kind, NoReadableImage):
+        return default(kind, error, trace)
+    if rank_0():  # on a line of its own, above a progress bar
+        tqdm.write("error: " + str(error).strip().splitlines()[-1].split("NoReadableImage: ")[-1],
+                   file=sys.stderr)
+
+
+sys.excepthook = one_line_for_unreadable_splits
+
+
 class XrayDataset(Dataset):
     """(path, target) records; item (index, augmentation seed or None) -> (image, target, 'path
-    (error)' lines of the unreadable images it stands in for: the caller reports them, once)."""
+    (error)' lines of the unreadable images it stands in for: the caller reports them, once).
+    `split` names the records in the error raised when none of them can be read."""
 
-    def __init__(self, records, image_size, hflip=False, affine=True, cache=""):
+    def __init__(self, records, image_size, split="given", hflip=False, affine=True, cache=""):
         self.records, self.image_size, self.hflip, self.affine = records, image_size, hflip, affine
+        self.split = split
         require_pydicom(records)
         self.cache = usable_cache(cache)  # '' if that folder cannot be written
 
@@ -208,7 +234,8 @@ class XrayDataset(Dataset):
                 return image, target, "\n".join(unreadable)
             except (OSError, ValueError) as error:  # missing, truncated or corrupt
                 unreadable.append(f"{path} ({error})")
-        raise RuntimeError(f"none of the {len(self)} images can be read: check --data-root.")
+        raise NoReadableImage(f"none of the {len(self)} {self.split} images can be read, e.g. "
+                              f"{unreadable[0]}: check --data-root.")
 
 
 def overlay_map(view, patch_map):

@@ -19,7 +19,9 @@ import resource
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+import traceback
+from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,6 +55,34 @@ def timed(fn, repeats, warmup=1):
     for _ in range(warmup):
         once()
     return float(np.median([once() for _ in range(repeats)]))
+
+
+# the Tensor methods by which the host reads a tensor's value: on a GPU each one waits for it
+HOST_READS = ["__bool__", "item", "tolist", "nonzero", "__int__", "__float__", "__index__"]
+
+
+@contextmanager
+def host_syncs():
+    """A Counter of (method, caller 'file:line') for every read of a tensor's value by the host
+    while active. A CPU has no host/device split, so everything is counted there except the
+    optimizer's step counters, which are host tensors (fused AdamW keeps them on a GPU, unread)."""
+    counts, originals = Counter(), {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name):
+        def read(tensor, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            if "/torch/optim/" not in caller.filename:
+                counts[name, f"{Path(caller.filename).name}:{caller.lineno}"] += 1
+            return originals[name](tensor, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
 
 
 def table(title, header, rows):
@@ -297,20 +327,21 @@ def text_handling(steps, batch):
           ["LM", "tokens", "tokens a caption", "ours", "public code", "ratio"], rows)
 
 
-def build(label, cfg):
-    """A CLEFT of one benchmark size with random weights, through cleft.build_model. 'paper':
-    BioMedLM + DINOv2 ViT-B/14 shapes (dry_run.py's stored architectures) built on the device,
-    with the BPE caption tokenizer (BioMedLM-like caption lengths)."""
+def build(label, cfg, bf16=False):
+    """A CLEFT of one benchmark size with random weights, through cleft.build_model, on the device;
+    with bf16 its frozen matmul weights converted. 'paper': BioMedLM + DINOv2 ViT-B/14 shapes
+    (dry_run.py's stored architectures), built on the GPU (random initialisation of 2.7B weights
+    on the CPU takes minutes), with the BPE caption tokenizer (BioMedLM-like caption lengths)."""
     if label == "paper":
-        paper = replace(cfg, text_model="stanford-crfm/BioMedLM",
-                        vision_model="facebook/dinov2-base")
+        cfg = replace(cfg, text_model="stanford-crfm/BioMedLM", vision_model="facebook/dinov2-base")
         load = lambda name, kind: (AutoModel.from_config(dry_run.architecture(name)),
                                    caption_tokenizer() if kind == "text" else None)
-        with torch.device(DEVICE):
-            return cleft.build_model(paper, load=load)
-    load = lambda name, kind: (random_model(*SIZES[label][kind]),
-                               demo.tiny_tokenizer() if kind == "text" else None)
-    return cleft.build_model(cfg, load=load).to(DEVICE)
+    else:
+        load = lambda name, kind: (random_model(*SIZES[label][kind]),
+                                   demo.tiny_tokenizer() if kind == "text" else None)
+    with torch.device(DEVICE if label == "paper" else "cpu"):
+        model = cleft.build_model(cfg, load=load)
+    return (cleft.frozen_to_bf16(model) if bf16 else model).to(DEVICE)
 
 
 def stage1(steps, batch):
@@ -319,57 +350,65 @@ def stage1(steps, batch):
     _, autocast = cleft.autocast_for("auto", DEVICE)
     captions = batch_captions(batch)
     rows = []
+    variants = [(checkpointing, text_handling, False) for checkpointing in (True, False)
+                for text_handling in ("ours", "public code")] + [(True, "ours", True)]
     for label, size in configs:
-        for checkpointing in (True, False):
-            for text_handling in ("ours", "public code"):
-                cfg = replace(DEMO_CONFIG, image_size=size, grad_checkpointing=checkpointing)
-                model = build(label, cfg).train()
-                if text_handling == "public code":
-                    model.text_tower.forward = lambda c, tower=model.text_tower: naive_text(
-                        tower, c
-                    )
-                optimizer = cleft.make_optimizer(
-                    model, cfg.lr, cfg.weight_decay, DEVICE.type == "cuda"
+        for checkpointing, text_handling, freeze_lm in variants:  # freeze_lm: no adapter at all
+            cfg = replace(DEMO_CONFIG, image_size=size, grad_checkpointing=checkpointing,
+                          freeze_lm=freeze_lm, peft="none" if freeze_lm else "lora")
+            model = build(label, cfg).train()
+            if text_handling == "public code":
+                model.text_tower.forward = lambda c, tower=model.text_tower: naive_text(
+                    tower, c
                 )
-                images = torch.rand(
-                    batch, 1, size, size, device=DEVICE
-                )  # as the loader hands them over
+            optimizer = cleft.make_optimizer(
+                model, cfg.lr, cfg.weight_decay, DEVICE.type == "cuda"
+            )
+            images = torch.rand(
+                batch, 1, size, size, device=DEVICE
+            )  # as the loader hands them over
 
-                def step():
-                    cleft.train_step(model, images, captions, autocast)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            def step():
+                cleft.train_step(model, images, captions, autocast)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-                seconds = timed(
-                    step, steps * (4 if label == "tiny" else 1)
-                )  # tiny steps are short: more of them
-                memory = peak_memory_mb(step)
-                mfu = model_flops(model, images, captions, cfg.max_length) / seconds / peak
-                rows.append(
-                    [
-                        label,
-                        "on" if checkpointing else "off",
-                        text_handling,
-                        f"{1000 * seconds:.0f}",
-                        f"{batch / seconds:.1f}",
-                        f"{memory:.0f}",
-                        f"{100 * mfu:.1f}%",
-                    ]
-                )
-                del model, optimizer, step  # one model at a time
-                gc.collect()
+            seconds = timed(
+                step, steps * (4 if label == "tiny" else 1)
+            )  # tiny steps are short: more of them
+            memory = peak_memory_mb(step)
+            with host_syncs() as syncs:
+                step()
+            mfu = model_flops(model, images, captions, cfg.max_length) / seconds / peak
+            rows.append(
+                [
+                    label,
+                    "frozen LM" if freeze_lm else "LoRA",
+                    "on" if checkpointing else "off",
+                    text_handling,
+                    f"{1000 * seconds:.0f}",
+                    f"{batch / seconds:.1f}",
+                    f"{memory:.0f}",
+                    f"{100 * mfu:.1f}%",
+                    str(sum(syncs.values())),
+                ]
+            )
+            del model, optimizer, step  # one model at a time
+            gc.collect()
     memory = "peak GPU MiB" if DEVICE.type == "cuda" else "process peak RSS MiB"
     table(
         f"2. Stage-1 step, batch {batch} (peak for MFU: {peak / 1e9:.0f} GFLOP/s)",
-        ["config", "checkpointing", "text handling", "ms/step", "images/s", memory, "MFU"],
+        ["config", "text tower", "checkpointing", "text handling", "ms/step", "images/s", memory,
+         "MFU", "host syncs"],
         rows,
     )
 
 
 # ------------------------------------------------------------------- 5. the paper's shapes, GPU
 
-# (global batch, frozen LM weights in bf16, LM recomputed in backward, --peft, checkpointing of
-# both towers, memory cap in GiB or None): the default first, then one change at a time
+# (global batch, frozen LM weights in bf16, LM recomputed in backward (with checkpointing, not
+# prefix), --peft, checkpointing of both towers, memory cap in GiB or None): the default first,
+# then one change at a time
 PAPER_ROWS = [(36, True, True, "lora", True, None), (36, False, True, "lora", True, None),
               (36, True, False, "lora", True, None), (72, True, True, "lora", True, None),
               (72, True, False, "lora", True, None), (36, True, True, "lora", True, 22),
@@ -394,17 +433,16 @@ def paper_shapes(steps, label="paper"):
             fraction = min(1.0, cap * 2**30 / total) if cap else 1.0
             torch.cuda.set_per_process_memory_fraction(fraction)
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
         captions = batch_captions(batch)
+        lm_recompute = lm_recompute and checkpointing and peft != "prefix"  # peft: not both
         setting = [str(batch), "bf16" if bf16 else "fp32", "on" if lm_recompute else "off", peft,
                    "on" if checkpointing else "off", f"{cap} GiB" if cap and cuda else "-"]
         model = optimizer = None
         try:
             cfg = replace(cleft.parse_config([]), peft=peft, grad_checkpointing=checkpointing,
                           image_size=224 if cuda else 112)
-            model = build(label, cfg).train()
-            model = cleft.frozen_to_bf16(model) if bf16 else model
-            if checkpointing and not lm_recompute and peft != "prefix":  # prefix: never on
+            model = build(label, cfg, bf16).train()
+            if checkpointing and peft != "prefix" and not lm_recompute:
                 model.text_tower.model.get_base_model().activation_checkpointing_disable()
             optimizer = cleft.make_optimizer(model, cfg.lr, cfg.weight_decay, fused=cuda)
             images = torch.rand(batch, 1, cfg.image_size, cfg.image_size, device=DEVICE)
@@ -414,7 +452,12 @@ def paper_shapes(steps, label="paper"):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
+            if cuda:  # the peak of the training steps, not of the build or the conversion
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             seconds = timed(step, steps)
+            with host_syncs() as syncs:
+                step()
             flops = model_flops(model, images, captions, cfg.max_length) / seconds
             if cuda:
                 memory = [f"{torch.cuda.max_memory_allocated() / 2**30:.1f}",
@@ -423,9 +466,9 @@ def paper_shapes(steps, label="paper"):
                 memory = [f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}", "-"]
             mfu = [f"{100 * flops / peak:.1f}%" if peak else "-" for peak in (measured, nominal)]
             speed = [f"{1000 * seconds:.0f}", f"{batch / seconds:.1f}"]
-            rows.append(setting + speed + memory + mfu)
+            rows.append(setting + speed + memory + mfu + [str(sum(syncs.values()))])
         except torch.OutOfMemoryError:
-            rows.append(setting + ["out of memory"] + ["-"] * 5)
+            rows.append(setting + ["out of memory"] + ["-"] * 6)
         finally:
             del model, optimizer
             gc.collect()
@@ -438,7 +481,7 @@ def paper_shapes(steps, label="paper"):
     table(f"5. Stage-1 step, {label} shapes ({peaks})",
           ["batch", "frozen LM weights", "LM recompute", "peft", "checkpointing", "cap",
            "ms/step", "images/s", "max allocated GiB" if cuda else "peak RSS GiB",
-           "max reserved GiB", "MFU (measured peak)", "MFU (nominal peak)"], rows)
+           "max reserved GiB", "MFU (measured peak)", "MFU (nominal peak)", "host syncs"], rows)
 
 
 # ------------------------------------------------------------------ 3. stage-2 step, 4. evaluation

@@ -33,13 +33,14 @@ def text_tower(folder, adapter=None, **kwargs):
 def test_eos_is_appended_and_pooled_position_is_it(demo_folder):
     tower = text_tower(demo_folder)
     eos_id = tower.tokenizer.eos_token_id
-    input_ids, attention_mask, eos_positions = tower.tokenize(CAPTIONS)
+    input_ids, causal, eos_positions = tower.tokenize(CAPTIONS)
     lengths = [
         len(c.encode()) + 1 for c in CAPTIONS
     ]  # byte-level tokenizer: one token per byte, plus EOS
     assert input_ids.shape == (4, max(lengths))  # padded to the longest caption, not to max_length
     assert eos_positions.tolist() == [n - 1 for n in lengths]
-    assert attention_mask.sum(dim=1).tolist() == lengths
+    # position i attends to 0..i: an EOS sees its caption and never the padding after it
+    assert torch.equal(causal, torch.ones(1, 1, max(lengths), max(lengths)).tril().bool())
     for row, eos in zip(input_ids, eos_positions):
         assert row[eos] == eos_id and (row[:eos] != eos_id).all()
 
