@@ -63,13 +63,14 @@ def recall_at_k(similarity, relevant, counts, ks=(1, 5, 10)):
 
 def summary(name, values):
     """values (seeds, 1 + R), from resample_counts' rows: {name: the point value (the mean over
-    seeds), name_ci95: [low, high] of that mean over the resamples, name_sd: the sd over the seeds'
-    point values (several seeds)}."""
+    seeds), name_ci95: [low, high] of that mean over the resamples, and with several seeds name_sd
+    (the sd of the seeds' point values) and name_per_seed (those values)}."""
     mean = values.mean(axis=0)  # (1 + R,)
     low, high = np.nanpercentile(mean[1:], [2.5, 97.5])
     out = {name: float(mean[0]), f"{name}_ci95": [float(low), float(high)]}
     if len(values) > 1:
         out[f"{name}_sd"] = float(values[:, 0].std(ddof=1))
+        out[f"{name}_per_seed"] = values[:, 0].tolist()
     return out
 
 

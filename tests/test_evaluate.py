@@ -419,9 +419,10 @@ def test_every_task_on_the_demo_fills_the_table(demo_root, stage1_ckpt, tmp_path
     results = report["results"]
     assert set(results) == {"zeroshot", "linear", "finetune", "retrieval"}
     assert results["zeroshot"].keys() == {"acc", "acc_ci95", "auc", "auc_ci95"}
-    for task in ("linear", "finetune"):  # two seeds: their mean, sd and the mean's interval
+    for task in ("linear", "finetune"):  # two seeds: their mean, sd, values and the interval
         assert results[task].keys() == {f"{m}{s}" for m in ("acc", "auc")
-                                        for s in ("", "_ci95", "_sd")}
+                                        for s in ("", "_ci95", "_sd", "_per_seed")}
+        assert np.mean(results[task]["acc_per_seed"]) == pytest.approx(results[task]["acc"])
     recalls = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     assert results["retrieval"].keys() == {f"{r}{s}" for r in recalls for s in ("", "_ci95")}
     for task_results in results.values():  # every interval holds its value
