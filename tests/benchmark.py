@@ -543,7 +543,8 @@ def stage2_and_eval(folder, steps):
         labels = rng.integers(0, classes, n)
         interval = timed(lambda: evaluate.scores([probabilities], labels), 3, warmup=0)
         rows.append([str(n), str(classes), f"{1000 * interval:.0f}"])
-    table("4b. Bootstrap intervals of accuracy and AUC (ms)", ["test images", "classes", "ms"], rows)
+    table("4b. Bootstrap intervals of accuracy and AUC (ms)", ["test images", "classes", "ms"],
+          rows)
 
 
 def main():

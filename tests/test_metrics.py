@@ -86,7 +86,7 @@ def test_an_accuracy_interval_holds_its_value_and_has_the_binomial_width(p):
 
 
 def test_seeds_give_the_mean_the_sd_and_the_interval_of_the_mean():
-    values = np.array([[60.0, 58, 62, 61], [64.0, 63, 66, 65]])  # 2 seeds x (test set + 3 resamples)
+    values = np.array([[60.0, 58, 62, 61], [64.0, 63, 66, 65]])  # 2 seeds x (test set, 3 resamples)
     result = metrics.summary("acc", values)
     assert result["acc"] == 62.0 and result["acc_sd"] == pytest.approx(np.std([60, 64], ddof=1))
     assert result["acc_per_seed"] == [60.0, 64.0]
