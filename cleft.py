@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import re
+import signal
 import sys
 import time
 import warnings
@@ -36,14 +37,15 @@ import torch.nn.functional as F
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from grad_cache import gradient_cache_step
-from checkpoints import saved_folder, save_checkpoint, start_metrics, trained_weights
-from image_io import UNREADABLE, XrayDataset, loader_workers, report_unreadable
+from checkpoints import (StopSignals, append_metrics, on_every_rank, save_on_rank_0, saved_folder,
+                         start_metrics, trained_weights)
+from image_io import UNREADABLE, XrayDataset, make_loader, report_unreadable
 
 # peft 0.21 uses two arguments that transformers deprecates: hidden, as they are not ours to change
 warnings.filterwarnings("ignore", "`(is_gradient_checkpointing|past_key_values)` is deprecated")
@@ -129,8 +131,7 @@ def changed_fields(cfg):  # the fields that differ from the dataclass's defaults
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
 
 def die(message, this_rank_only=False):
-    """A mistake the user can fix: one clear sentence, no traceback, exit code 1 on every rank.
-    Under torchrun rank 0 alone prints it, unless this rank alone met the problem."""
+    """A mistake the user can fix: one line (rank 0's, or this rank's alone), exit code 1 on all."""
     if dist.is_initialized():  # released first: gloo can abort at exit while it is alive
         dist.destroy_process_group()
     speaks = this_rank_only or os.environ.get("RANK", "0") == "0"
@@ -144,8 +145,9 @@ def setup_distributed():  # (rank, world_size, device): nccl on CUDA, gloo on CP
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    # CUDA tensors go through nccl, the host's small agreements (stop, save, resume) through gloo;
     # the others wait in a collective while rank 0 saves (GBs with --full-ft-lm): 1 hour, not 10 min
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(hours=1))
     if dist.get_rank() > 0:  # the library's model-loading bars: rank 0's alone
         hf_logging.disable_progress_bar()
     return dist.get_rank(), dist.get_world_size(), device
@@ -166,8 +168,7 @@ def print0(*args, file=None):  # rank 0 prints, above the progress bar, at once 
 
 def log(path, record, line):  # rank 0: one JSON line appended to `path`, one line on screen
     if world()[0] == 0:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(path, record)
         print0(line)
 
 def to_device(tensor, device):  # a host tensor, copied with no wait: the host runs ahead of the GPU
@@ -309,14 +310,6 @@ def eval_batches(n, batch_size):
     indices = list(range(n)) + [n - 1] * (-n % batch_size)
     return [[(i, None) for i in indices[start + rank * per_rank:start + (rank + 1) * per_rank]]
             for start in range(0, len(indices), batch_size)]
-
-def make_loader(dataset, batches, num_workers, device, persistent=False):
-    num_workers = loader_workers(num_workers)  # -1: the node's cores shared among its ranks
-    # a generator of its own: starting the workers draws nothing from the global RNG, so when a
-    # loader starts changes neither the model's initialisation nor anything seeded after it
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", generator=torch.Generator(),
-                      persistent_workers=persistent and num_workers > 0)
 
 def make_loaders(splits, cfg, device, world_size, start_step=0):
     """Stage 1's (endless train iterator, val loader, test loader), after checking the batch."""
@@ -566,10 +559,7 @@ def resume_state(cfg):
     """state.pt of OUT/last/, to the CPU, if resuming (--resume, or this config's run is there)."""
     last = Path(cfg.out_dir) / "last"
     found = saved_folder(last) is not None
-    everyone = [found] * world()[1]
-    if world()[1] > 1:  # every rank decides alike, or none goes on
-        dist.all_gather_object(everyone, found)
-    if len(set(everyone)) > 1:
+    if len(set(on_every_rank(found))) > 1:  # every rank decides alike, or none goes on
         die(f"some processes see a checkpoint in {last} and others do not: put --out-dir on a "
             "file system that every node shares.")
     if not (cfg.resume or found):
@@ -626,11 +616,6 @@ def embed(model, loader, n, autocast, progress=False, encode=None):
     return torch.cat(features)[:n], torch.cat(targets)[:n]
 
 # --- Main
-def mean_over_ranks(value):  # a device scalar, read by the host; every rank calls it
-    if world()[1] > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.AVG)
-    return value.item()
-
 def check_finite(loss, name, step, out_dir, progress):  # every rank calls it with the same loss
     if not math.isfinite(loss):  # stop before anything is saved: OUT/last/ stays good
         progress.close()
@@ -654,7 +639,16 @@ def model_and_optimizer(cfg, state, device, dtype):
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, fused=device.type == "cuda")
     if state:  # the optimizer's tensors are copied to its parameters' device, the CPU copy freed
         optimizer.load_state_dict(state.pop("optimizer"))
+        print0(f"resumed from {Path(cfg.out_dir) / 'last'} at step {state['step']}")
+    print0(f"trained parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     return model, optimizer
+
+def save(names, model, optimizer, cfg, step, best_val_loss, progress):
+    """OUT/<name>/ for each name, written by rank 0; every rank calls it. A write the OS refuses
+    (a full disk, a read-only or vanished folder) stops every rank with one line."""
+    if error := save_on_rank_0(cfg.out_dir, names, model, optimizer, cfg, step, best_val_loss):
+        progress.close()
+        die(f"{error}: free space there or make it writable, then run the same command to resume.")
 
 def main(argv=None):
     cfg = parse_config(argv)
@@ -671,9 +665,6 @@ def main(argv=None):
     train_loader, val_loader, test_loader = make_loaders(splits, cfg, device, world_size,
                                                          start_step)
     model, optimizer = model_and_optimizer(cfg, state, device, dtype)
-    if state:
-        print0(f"resumed from {out_dir / 'last'} at step {start_step}")
-    print0(f"trained parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     device_ids = None if device.type == "cpu" else [device.index]  # DDP trains, the model is saved
     ddp_model = DistributedDataParallel(model, device_ids) if world_size > 1 else model
     metrics = out_dir / "metrics.jsonl"
@@ -682,27 +673,27 @@ def main(argv=None):
     progress = tqdm(total=cfg.max_steps, initial=start_step, disable=rank != 0, desc="train")
 
     UNREADABLE.clear()
-    unreadable = []  # 'path (error)' of the training images met since the last report
     losses = []  # this log line's steps: their losses stay on the device until it is written
     window_start = time.time()
+    stop = StopSignals()  # SIGTERM (preemption) and Ctrl-C: the step finishes, last/ is saved
     for step in range(start_step, cfg.max_steps + 1):
         # evaluate and save every eval_every steps and at the end (a resumed run: not at its start)
         due = step % cfg.eval_every == 0 or step == cfg.max_steps
         just_resumed = state is not None and step == start_step  # its checkpoint did it
         if due and not just_resumed:
-            report_unreadable(unreadable)  # the training images' since the last report
             record = {"step": step, **validate(model, val_loader, test_loader, autocast,
                                                cfg.batch_size)}
             check_finite(record["val_loss"], "validation loss", step, out_dir, progress)
             log(metrics, record, " | ".join(f"{k} {round(v, 4)}" for k, v in record.items()))
             improved = record["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, record["val_loss"])
-            if rank == 0:  # best/ when the validation loss improved, last/ every time
-                for name in (["best"] if improved else []) + ["last"]:
-                    save_checkpoint(out_dir / name, model, optimizer, cfg, step, best_val_loss)
+            names = (["best"] if improved else []) + ["last"]  # best/ if the val loss improved
+            save(names, model, optimizer, cfg, step, best_val_loss, progress)
             losses = []  # a log line averages the steps since: resumed runs log the same
             window_start = time.time()
-        if step == cfg.max_steps:
+        # SIGTERM or Ctrl-C on any rank: all stop at this step (the last step needs no agreement)
+        stopped_by = stop.agreed() if step < cfg.max_steps else 0
+        if step == cfg.max_steps or stopped_by:
             break
 
         # one optimisation step on the global batch
@@ -712,7 +703,7 @@ def main(argv=None):
         images, captions, skipped = next(train_loader)
         if cfg.strict_data:
             stop_if_unreadable(skipped, step, progress)
-        unreadable += skipped
+        report_unreadable(skipped)  # rank 0 prints each new one (every rank takes part)
         # dropout masks depend on (seed, step, rank) alone, so a resumed run draws the same ones
         # (rank and step below 2**20 each: every triple gets its own seed)
         torch.manual_seed(cfg.seed * 2**40 + step * 2**20 + rank)
@@ -727,8 +718,7 @@ def main(argv=None):
         losses.append(loss)
         progress.update(1)
         if (step + 1) % cfg.log_every == 0:  # the host reads the loss here only
-            report_unreadable(unreadable)
-            mean_loss = mean_over_ranks(sum(losses)) / len(losses)
+            mean_loss = sum(on_every_rank(sum(losses).item())) / world_size / len(losses)
             check_finite(mean_loss, "loss", step, out_dir, progress)
             record = {"step": step + 1, "loss": mean_loss, "lr": lr,
                       "logit_scale": model.logit_scale.exp().item(),
@@ -738,13 +728,21 @@ def main(argv=None):
             losses = []
             window_start = time.time()
     progress.close()
+    if stopped_by and not due:  # last/ at this step, without validation (unless just saved)
+        save(["last"], model, optimizer, cfg, step, best_val_loss, progress)
+    stop.restore()  # after the save: a second signal does not interrupt it
     if UNREADABLE:
         print0(f"skipped in this run: {len(UNREADABLE)} unreadable image(s), each named above")
-    print0(f"done: best validation loss {best_val_loss:.4f}; checkpoints in {out_dir}")
-    if world_size > 1:  # DDP holds the process group: free it first, or gloo can abort at exit
-        del ddp_model
-        gc.collect()
-        dist.destroy_process_group()
+    if stopped_by:
+        print0(f"stopped by {signal.Signals(stopped_by).name} at step {step}: {out_dir / 'last'} "
+               "holds it; run the same command to resume.")
+    else:
+        print0(f"done: best validation loss {best_val_loss:.4f}; checkpoints in {out_dir}")
+    return 128 + stopped_by if stopped_by else 0  # 143 after SIGTERM: "requeue me" to a scheduler
 
 if __name__ == "__main__":
-    main()
+    exit_code = main()
+    if dist.is_initialized():  # DDP holds the process group: main's model goes first, or gloo
+        gc.collect()  # can abort at exit
+        dist.destroy_process_group()
+    sys.exit(exit_code)

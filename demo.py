@@ -220,7 +220,8 @@ def main(folder="data", out_dir="runs/demo"):
               (evaluate, evaluate_args(folder, ckpt))]
     for module, args in stages:
         print(f"\n$ python {Path(module.__file__).name} {shlex.join(args)}", flush=True)
-        module.main(args)
+        if exit_code := module.main(args):  # stage 1 stopped by Ctrl-C: the demo stops there
+            raise SystemExit(exit_code)
 
 
 if __name__ == "__main__":

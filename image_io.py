@@ -3,15 +3,18 @@ From an X-ray file to the model's input: JPEGs decoded at reduced size, DICOMs w
 viewer shows them, the optional `--image-cache DIR` (each image's small decoded copy kept after its
 first read: about 40x faster for the 2 MB JPEGs of full-resolution CheXpert, the same pixels), the
 view the model sees (padded to a square; in training, zoom, rotation, shift and jitter), and the
-dataset that stands the next image in for an unreadable one and reports each such file once; and
-the overlay of a score map on a view (predict.py). cleft.py decides which images and targets; this
-file reads them.
+dataset that stands the next image in for an unreadable one and reports each such file once, the
+loaders that serve it (their workers outlive the stop signals a job's processes all get); and the
+overlay of a score map on a view (predict.py). cleft.py decides which images and targets; this file
+reads them.
 """
 
 import hashlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import uuid
 import warnings
 from contextlib import suppress
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 UNREADABLE = set()  # 'path (error)' of every unreadable image met in this run, on every rank
@@ -83,11 +86,34 @@ def require_pydicom(records):
                              "or convert them to PNG." if rank_0() else 1)
 
 
-def loader_workers(requested):  # -1: the node's cores shared among its ranks, one left for each
-    if requested >= 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+def make_loader(dataset, batches, num_workers, device, persistent=False):
+    """A DataLoader of the batches a sampler yields (its workers outlive stop signals: below).
+    num_workers -1: the node's cores shared among its ranks, one left for each."""
+    if num_workers < 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        num_workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+    # a generator of its own: starting the workers draws nothing from the global RNG, so when a
+    # loader starts changes neither the model's initialisation nor anything seeded after it
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator(),
+                      persistent_workers=persistent and num_workers > 0,
+                      worker_init_fn=outlive_stop_signals)
+
+
+def outlive_stop_signals(worker_id):
+    """A loader worker's start: the SIGTERM and Ctrl-C that torchrun, SLURM or a terminal send to
+    every process leave it running, so its rank can finish the step and save first. A SIGTERM
+    from its own rank, which is how a loader shuts its workers down, still ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # not on macOS: there a SIGTERM ends workers at once
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the thread below takes it
+        threading.Thread(target=exit_on_sigterm_from_parent, daemon=True).start()
+
+
+def exit_on_sigterm_from_parent():
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+        pass  # sent to the whole job: the rank decides
+    os._exit(0)
 
 
 def rank_0():  # this process prints the run's messages: plain python, or rank 0 under torchrun
@@ -139,7 +165,7 @@ def cached_xray(path, size, cache):
 def report_unreadable(messages):
     """Rank 0 prints each unreadable image once per run, above the progress bar, whichever rank or
     split met it; all ranks call this at the same points (it gathers). messages: the 'path (error)'
-    lines of XrayDataset's items, emptied here."""
+    lines of XrayDataset's items."""
     new = {line for text in messages for line in text.split("\n") if line}
     if dist.is_initialized():  # loader workers only hand them over: their rank reports them
         everyone = [None] * dist.get_world_size()
@@ -150,7 +176,6 @@ def report_unreadable(messages):
             tqdm.write(f"warning: skipping unreadable image {line}", file=sys.stderr)
             sys.stderr.flush()
     UNREADABLE.update(new)
-    messages.clear()
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,16 @@ def pytest_configure(config):
     # the filter cleft.py applies at import (pytest resets the filters set while it imports)
     pattern = "`(is_gradient_checkpointing|past_key_values)` is deprecated"
     config.addinivalue_line("filterwarnings", f"ignore:{pattern}")
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_put_back():
+    """cleft.main records SIGTERM and Ctrl-C while it trains and puts the handlers back when it
+    ends; a run that stops with an error leaves them to this."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for number, handler in handlers.items():
+        signal.signal(number, handler)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
-"""Reliability: exact resume after SIGKILL (one process and two), checkpoints that survive a crash
-while saving, best/ never replaced by a worse or NaN run, unreadable images, a non-finite loss,
-clear errors, and loading that runs no pickled code."""
+"""Reliability: exact resume after SIGKILL and SIGTERM (one process and two), checkpoints that
+survive a crash while saving, a full disk in one line, best/ never replaced by a worse or NaN run,
+unreadable images, a non-finite loss, clear errors, and loading that runs no pickled code."""
 
 import csv
+import errno
 import json
+import re
 import math
 import os
 import shutil
@@ -19,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import cleft
-from conftest import stage1_flags
-from test_distributed import TESTS
+from conftest import stage1_flags, tiny_config, tiny_model
+from test_distributed import TESTS, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "8", "--num-workers", "0", "--log-every", "1"]
@@ -62,8 +64,9 @@ def finish(process):
     return stdout
 
 
-def kill_after(process, metrics_file, step):
-    """SIGKILL the whole process group once metrics.jsonl has logged `step`, mid-run."""
+def kill_after(process, metrics_file, step, how=signal.SIGKILL):
+    """Send `how` to the whole process group once metrics.jsonl has logged `step`, mid-run;
+    (stdout, stderr) of the process."""
     deadline = time.time() + 240
     while time.time() < deadline:
         if metrics_file.exists() and any(
@@ -71,12 +74,32 @@ def kill_after(process, metrics_file, step):
             for line in metrics_file.read_text().splitlines()
             if line
         ):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            return
+            os.killpg(process.pid, how)
+            return process.communicate(timeout=120)
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.02)
     raise AssertionError("the run never reached the step to kill it at")
+
+
+def stopped_step(stdout, out_dir):
+    """The step of the one line a run stopped by SIGTERM prints last."""
+    lines = [line for line in stdout.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1 and stdout.rstrip().endswith(lines[0]), stdout[-2000:]
+    match = re.fullmatch(rf"stopped by SIGTERM at step (\d+): {re.escape(str(out_dir / 'last'))} "
+                         r"holds it; run the same command to resume\.", lines[0])
+    assert match, lines[0]
+    return int(match.group(1))
+
+
+def same_weights_and_moments(a, b):
+    """The trained weights and Adam's first moments of two runs' last/, bit for bit."""
+    weights = [load_file(out / "last" / "model.safetensors") for out in (a, b)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    moments = [torch.load(out / "last" / "state.pt", weights_only=True)["optimizer"]["state"]
+               for out in (a, b)]
+    assert moments[0].keys() == moments[1].keys()
+    assert all(torch.equal(moments[0][k]["exp_avg"], moments[1][k]["exp_avg"]) for k in moments[0])
 
 
 def losses(out):
@@ -87,42 +110,39 @@ def losses(out):
     ]
 
 
-def test_sigkill_then_resume_is_bit_identical(demo_folder, tmp_path):
+def test_sigkill_or_sigterm_then_resume_is_bit_identical(demo_folder, tmp_path):
     """The models load from their folders (in eval mode, as from_pretrained returns them) and
     train with dropout (LoRA's and GPT-2's): the resumed run must set training mode itself.
-    Checkpoints at 5 and 10 fall inside a 2-step log interval: the partial loss sum is restored
-    too."""
+    SIGKILL: the run resumes from the last evaluation (5 or 10). SIGTERM, sent to the process and
+    its loader worker: the step under way finishes, last/ is saved at the step reached (9 or later,
+    an evaluation step or not), the exit code is 143, and the resumed run ends as the uninterrupted
+    one."""
     common = stage1_flags(demo_folder, "--max-steps", 14, "--eval-every", 5, "--warmup-steps", 3,
                           *FAST, "--log-every", 2)
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight, killed, stopped = tmp_path / "straight", tmp_path / "killed", tmp_path / "stopped"
     finish(start([*common, "--out-dir", straight]))
-    cached = [
-        *common,
-        "--out-dir",
-        killed,
-        "--image-cache",
-        tmp_path / "cache",
-    ]  # the cache changes no result
-    process = start(cached)
-    kill_after(
-        process, killed / "metrics.jsonl", 8
-    )  # after the checkpoint at step 5, before the one at 10
+    cached = [*common, "--out-dir", killed, "--image-cache", tmp_path / "cache"]  # same results
+    kill_after(start(cached), killed / "metrics.jsonl", 8)  # after step 5's checkpoint
     assert torch.load(killed / "last" / "state.pt", weights_only=True)["step"] in (5, 10)
     stdout = finish(start(cached))  # no --resume: same config, so it picks up by itself
     assert "resumed from" in stdout
-    a, b = load_file(straight / "last" / "model.safetensors"), load_file(
-        killed / "last" / "model.safetensors"
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same_weights_and_moments(straight, killed)
     assert losses(killed) == losses(straight)  # every step once, with the same loss
-    assert torch.equal(
-        torch.load(straight / "last" / "state.pt", weights_only=True)["optimizer"]["state"][0][
-            "exp_avg"
-        ],
-        torch.load(killed / "last" / "state.pt", weights_only=True)["optimizer"]["state"][0][
-            "exp_avg"
-        ],
-    )
+
+    process = start([*common, "--out-dir", stopped, "--num-workers", 1])
+    stdout, stderr = kill_after(process, stopped / "metrics.jsonl", 8, signal.SIGTERM)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    step = stopped_step(stdout, stopped)
+    assert 8 < step < 14
+    assert torch.load(stopped / "last" / "state.pt", weights_only=True)["step"] == step
+    resumed = finish(start([*common, "--out-dir", stopped]))
+    assert f"resumed from {stopped / 'last'} at step {step}\n" in resumed
+    same_weights_and_moments(straight, stopped)
+    # every step logged once, with the same loss; but the first line after an odd step averages
+    # the resumed run's steps alone
+    assert [s for s, _ in losses(stopped)] == [s for s, _ in losses(straight)]
+    differing = {s for (s, a), (_, b) in zip(losses(stopped), losses(straight)) if a != b}
+    assert differing <= {step + 1}
 
 
 def test_every_step_trains_in_training_mode_fresh_or_resumed(demo_folder, tmp_path, monkeypatch):
@@ -180,17 +200,40 @@ def test_dropout_masks_change_every_step_and_repeat_after_a_resume(demo_folder, 
     assert not same(straight[1], straight[2]) and not same(straight[0], straight[1])
 
 
-def test_sigkill_then_resume_under_torchrun(demo_folder, tmp_path):
-    args = stage1_flags(demo_folder, "--max-steps", 10, "--eval-every", 4, "--out-dir", tmp_path,
-                        *FAST)
-    process = start(args, torchrun=True)
-    kill_after(process, tmp_path / "metrics.jsonl", 6)
-    stdout = finish(start(args, torchrun=True))
-    assert (
-        "resumed from" in stdout
-        and torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 10
-    )
-    assert [step for step, _ in losses(tmp_path)] == list(range(1, 11))
+def rank_process(launcher, rank):
+    """The pid of torchrun's worker process of `rank` (Linux: from /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):  # a process that ended meanwhile
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no process of rank {rank} under torchrun")
+
+
+def test_sigterm_to_one_rank_under_torchrun_stops_both_at_one_step(demo_folder, tmp_path):
+    """SIGTERM reaches rank 1 and its loader worker only (a process group of their own, as torchrun
+    starts them): both ranks finish the step and agree to stop at it, rank 0 saves last/ there and
+    alone says so, and the resumed run ends as the uninterrupted one."""
+    args = stage1_flags(demo_folder, "--max-steps", 10, "--eval-every", 4, *FAST,
+                        "--num-workers", 1)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    finish(start([*args, "--out-dir", straight], torchrun=True))
+    process = start([*args, "--out-dir", stopped], torchrun=True)
+    metrics = stopped / "metrics.jsonl"
+    while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    os.killpg(rank_process(process, 1), signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    step = stopped_step(stdout, stopped)  # one line, rank 0's: it got no signal itself
+    assert 5 < step < 10 and "[rank" not in stderr, stderr[-3000:]  # no rank's traceback
+    assert torch.load(stopped / "last" / "state.pt", weights_only=True)["step"] == step
+    assert "resumed from" in finish(start([*args, "--out-dir", stopped], torchrun=True))
+    same_weights_and_moments(straight, stopped)
+    assert [step for step, _ in losses(stopped)] == list(range(1, 11))
 
 
 def test_a_different_config_is_never_resumed_silently(demo_folder, tmp_path):
@@ -215,7 +258,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_folder, tmp_pa
         checkpoints, "save_file", crash
     )  # 1) the process dies while writing the new files
     with pytest.raises(KeyboardInterrupt):
-        cleft.save_checkpoint(
+        checkpoints.save_checkpoint(
             tmp_path / "last", model, optimizer, cleft.load_config(tmp_path / "last"), 3, 0.0
         )
     monkeypatch.undo()
@@ -237,7 +280,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_folder, tmp_pa
         checkpoints.os, "replace", crash_between_renames
     )  # 2) last/ moved aside, the new one not in yet
     with pytest.raises(KeyboardInterrupt):
-        cleft.save_checkpoint(
+        checkpoints.save_checkpoint(
             tmp_path / "last", model, optimizer, cleft.load_config(tmp_path / "last"), 3, 0.0
         )
     monkeypatch.undo()
@@ -247,6 +290,121 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_folder, tmp_pa
     stdout = run(demo_folder, tmp_path, "--max-steps", 4, "--eval-every", 2, "--resume").stdout
     assert "at step 2" in stdout and (tmp_path / "last" / "model.safetensors").exists()
     assert not (tmp_path / "last.old").exists() and not (tmp_path / "last.tmp").exists()
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(
+    demo_folder, tmp_path, monkeypatch, capsys
+):
+    """A write the OS refuses at step 4 (ENOSPC, half a file written first): one line naming the
+    folder, the OS's reason and the step last/ holds; no DIR.tmp left; last/ loads and resumes."""
+    train(demo_folder, tmp_path, "--max-steps", 2, "--eval-every", 2)
+
+    def full_disk(tensors, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a safetensors file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints, "save_file", full_disk)
+    message = (rf"^error: could not write {tmp_path}/(best|last) \(No space left on device\); "
+               rf"{tmp_path}/last holds step 2: free space there or make it writable, then run "
+               r"the same command to resume\.$")
+    with pytest.raises(SystemExit, match=message):
+        train(demo_folder, tmp_path, "--max-steps", 4, "--eval-every", 2, "--resume")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "last", "metrics.jsonl"]
+    assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 2
+    cleft.load_model(tmp_path / "last")
+    train(demo_folder, tmp_path, "--max-steps", 4, "--eval-every", 2, "--resume")
+    assert f"resumed from {tmp_path / 'last'} at step 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_the_os_is_asked_why_when_a_library_hides_a_full_disk(tmp_path, monkeypatch):
+    """torch.save reports a full disk as 'unexpected pos': a small write into the same folder
+    gives the OS's reason. Where that write succeeds, the error is not the disk's: it is raised
+    as it is, traceback and all."""
+    hidden = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert checkpoints.refusal(hidden, tmp_path) is None  # this folder takes writes
+    assert checkpoints.refusal(PermissionError(errno.EACCES, "Permission denied"), tmp_path) == (
+        "Permission denied")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints.tempfile, "TemporaryFile", no_space)
+    assert checkpoints.refusal(hidden, tmp_path) == "No space left on device"
+
+
+def test_a_metrics_line_the_disk_refuses_is_cut_back_off(tmp_path, monkeypatch):
+    """The disk fills up half-way through a line of metrics.jsonl: the half line is removed (a
+    resume parses every line), a warning names the step, and training would go on."""
+    path = tmp_path / "metrics.jsonl"
+    checkpoints.append_metrics(path, {"step": 1})
+    real_open = open
+
+    class HalfFull:  # the file, whose writes stop half-way
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            self.file.close()
+
+        def tell(self):
+            return self.file.tell()
+
+        def truncate(self, size):
+            return self.file.truncate(size)
+
+        def write(self, data):
+            return self.file.write(data[:len(data) // 2])
+
+    monkeypatch.setattr(checkpoints, "open", HalfFull, raising=False)
+    with pytest.warns(UserWarning, match=r"could not append to .*metrics\.jsonl \(No space left on "
+                      r"device\): step 2 is logged on screen only"):
+        checkpoints.append_metrics(path, {"step": 2, "loss": 1.0})
+    monkeypatch.undo()
+    checkpoints.append_metrics(path, {"step": 3})
+    assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
+
+
+def test_a_failed_save_under_torchrun_stops_both_ranks_with_one_line(demo_folder, tmp_path):
+    """Rank 0's save fails at step 2: rank 1 learns it at the same collective and leaves through
+    the same one-line error (exit code 1, silent), instead of waiting for rank 0 or crashing."""
+    result = torchrun(TESTS / "full_disk_worker.py", tmp_path / "ranks", *stage1_flags(
+        demo_folder, "--out-dir", tmp_path / "run", "--max-steps", 4, "--eval-every", 2, *FAST))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.fullmatch(  # best/ if step 2 improved on step 0, else last/
+        rf"exit error: could not write {tmp_path}/run/(best|last) \(No space left on device\); "
+        rf"{tmp_path}/run/last holds step 0: free space there or make it writable, then run the "
+        r"same command to resume\.", (tmp_path / "ranks" / "rank0.txt").read_text())
+    assert (tmp_path / "ranks" / "rank1.txt").read_text() == "exit 1"
+
+
+def test_a_second_signal_during_the_save_changes_nothing(demo_folder, tmp_path, monkeypatch):
+    """SIGTERM and then Ctrl-C arrive while a checkpoint is being written: both are recorded (the
+    first one counts), the save completes, and restore() puts the previous handlers back."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    model = tiny_model(demo_folder)
+    optimizer = cleft.make_optimizer(model, lr=1e-3, weight_decay=0.2)
+    real_save_file = checkpoints.save_file
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save_file(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", interrupted)
+    stop = checkpoints.StopSignals()
+    checkpoints.save_checkpoint(tmp_path / "last", model, optimizer, tiny_config(demo_folder), 7,
+                                1.0)
+    stop.restore()
+    assert stop.received == signal.SIGTERM and stop.agreed() == signal.SIGTERM
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 7
+    assert load_file(tmp_path / "last" / "model.safetensors").keys() == set(
+        checkpoints.trained_weights(model))
 
 
 def test_best_is_never_replaced_by_a_worse_run_and_nan_is_never_saved(
