@@ -116,7 +116,10 @@ class StopSignals:
         self.received = self.received or number
 
     def agreed(self):  # every rank calls it between two steps: the signal any rank got (0: none)
-        return max(on_every_rank(self.received))
+        received = torch.tensor(self.received)
+        if dist.is_initialized():  # a CPU tensor: gloo, on the host, whatever the GPU is doing
+            dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        return int(received)
 
     def restore(self):
         for number, handler in self.previous.items():

@@ -168,9 +168,12 @@ def report_unreadable(messages):
     lines of XrayDataset's items."""
     new = {line for text in messages for line in text.split("\n") if line}
     if dist.is_initialized():  # loader workers only hand them over: their rank reports them
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, new)
-        new = set().union(*everyone)
+        count = torch.tensor(len(new))  # a CPU tensor: gloo, on the host
+        dist.all_reduce(count)  # cheap: the lines themselves are gathered only if there are any
+        if count > 0:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, new)
+            new = set().union(*everyone)
     if rank_0():
         for line in sorted(new - UNREADABLE):
             tqdm.write(f"warning: skipping unreadable image {line}", file=sys.stderr)
