@@ -104,7 +104,7 @@ def refusal(error, folder):
 
 class StopSignals:
     """SIGTERM (a scheduler preempting the job) and SIGINT (Ctrl-C) recorded, not obeyed at once:
-    the training loop reads `received` between two steps, saves and exits. A repeat changes
+    the training loop asks agreed() between two steps, then saves and exits. A repeat changes
     nothing, so a second signal never interrupts the save. restore() puts the old handlers back."""
 
     def __init__(self):
@@ -136,12 +136,16 @@ def saved_folder(directory):
 
 def start_metrics(path, resumed_step=None):
     """A new JSON-lines log at path, or on resume the old one without the steps after the
-    checkpoint (they run again)."""
+    checkpoint (they run again). A folder that cannot be written stops the run in one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = path.read_text().splitlines() if resumed_step is not None and path.exists() else []
-    kept = [line + "\n" for line in lines if line and json.loads(line)["step"] <= resumed_step]
-    path.write_text("".join(kept))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = path.read_text().splitlines() if resumed_step is not None and path.exists() else []
+        kept = [line + "\n" for line in lines if line and json.loads(line)["step"] <= resumed_step]
+        path.write_text("".join(kept))
+    except OSError as refused:  # before the first step: nothing is lost
+        raise SystemExit(f"error: could not write {path} ({refused.strerror}): pass a folder that "
+                         "can be written.") from None
     return path
 
 

@@ -738,7 +738,7 @@ def main(argv=None):
                "holds it; run the same command to resume.")
     else:
         print0(f"done: best validation loss {best_val_loss:.4f}; checkpoints in {out_dir}")
-    return 128 + stopped_by if stopped_by else 0  # 143 after SIGTERM: "requeue me" to a scheduler
+    return 128 + stopped_by if stopped_by else 0  # 143 after SIGTERM: a stop to resume, no error
 
 if __name__ == "__main__":
     exit_code = main()

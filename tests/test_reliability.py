@@ -525,6 +525,14 @@ def test_clear_errors_for_empty_splits_and_uneven_batches(tmp_path, demo_folder,
         cleft.main(stage1_flags(demo_folder, "--batch-size", 9, "--out-dir", tmp_path))
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_line(demo_folder, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "run"
+    with pytest.raises(SystemExit, match=rf"^error: could not write {out}/metrics\.jsonl \(Not a "
+                       r"directory\): pass a folder that can be written\.$"):
+        train(demo_folder, out, "--max-steps", 2)
+
+
 def test_checkpoints_never_run_pickled_code(demo_folder, tmp_path):
     train(demo_folder, tmp_path, "--max-steps", 2, "--eval-every", 2)
     marker = tmp_path / "pwned"
