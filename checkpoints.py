@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 
 def trained_weights(model):
@@ -154,15 +155,15 @@ def append_metrics(path, record):
     cut back off (a half line would stop the resume), a warning says so, and training goes on
     (the next checkpoint's save stops the run, on every rank, if the disk is still full)."""
     line = (json.dumps(record) + "\n").encode()
-    with open(path, "ab", buffering=0) as f:  # unbuffered: the OS answers this write
-        size = f.tell()
-        try:
+    try:
+        with open(path, "ab", buffering=0) as f:  # unbuffered: the OS answers this write
+            size = f.tell()
             if f.write(line) < len(line):  # the disk filled up within the line
+                f.truncate(size)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError as refused:
-            f.truncate(size)
-            warnings.warn(f"could not append to {path} ({refused.strerror}): step "
-                          f"{record['step']} is logged on screen only")
+    except OSError as refused:  # a full disk, a read-only or vanished folder
+        tqdm.write(f"warning: could not append to {path} ({refused.strerror}): step "
+                   f"{record['step']} is logged on screen only", file=sys.stderr)
 
 
 def save_prompt(path, context, classes, cfg):
