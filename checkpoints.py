@@ -9,6 +9,7 @@ is how the files are written. Not the method.
 """
 
 import errno
+import gc
 import json
 import os
 import shutil
@@ -125,6 +126,20 @@ class StopSignals:
     def restore(self):
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+
+
+def exit_code(main):
+    """main()'s exit code, its SystemExit (an `error:` line) included, after the process group is
+    released, last: DDP holds the group, and if DDP's destructor freed it, it would wait, holding
+    Python's lock, for gloo's threads, which need that lock to free a collective's tensors."""
+    try:
+        code = main()
+    except SystemExit as stop:
+        code = stop.code
+    gc.collect()  # main's objects, DDP included (the exception no longer holds its frames)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
 
 
 def saved_folder(directory):

@@ -11,8 +11,6 @@ Your own image/report pairs (a CSV with `image` and `text` columns, paths relati
 """
 
 import argparse
-import csv
-import gc
 import hashlib
 import json
 import math
@@ -43,12 +41,14 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from grad_cache import gradient_cache_step
-from checkpoints import (StopSignals, append_metrics, on_every_rank, save_on_rank_0, saved_folder,
-                         start_metrics, trained_weights)
+from checkpoints import (StopSignals, append_metrics, exit_code, on_every_rank, save_on_rank_0,
+                         saved_folder, start_metrics, trained_weights)
+from checks import check_resume, check_schedule, die, read_csv
 from image_io import UNREADABLE, XrayDataset, make_loader, report_unreadable
 
 # peft 0.21 uses two arguments that transformers deprecates: hidden, as they are not ours to change
 warnings.filterwarnings("ignore", "`(is_gradient_checkpointing|past_key_values)` is deprecated")
+hf_logging.disable_progress_bar()  # transformers' bars for every model load and save; ours stay
 
 # --- Config: one dataclass; every field is a command-line flag, `help` is its documentation
 def arg(default, help, choices=None):
@@ -66,7 +66,7 @@ class Config:
     num_workers: int = arg(-1, "loader processes per rank (-1: the node's cores over its ranks)")
     image_cache: str = arg("", "folder for a small decoded copy of each image (same results)")
     strict_data: bool = arg(False, "stop at the first unreadable image instead of skipping it")
-    val_fraction: float = arg(0.05, "patients held out for validation (csv without a split column)")
+    val_fraction: float = arg(0.05, "share held out for validation: patients; csv: images (>= 2)")
     # model
     preset: str = arg("", "a named set of defaults (explicit flags win)", ["", "medclip-vit-l"])
     text_model: str = arg("stanford-crfm/BioMedLM", "hub id or local save_pretrained folder")
@@ -80,7 +80,7 @@ class Config:
     full_ft_lm: bool = arg(False, "ablation: every LM weight trained, no adapter")
     train_embed: bool = arg(False, "also train the LM's token embeddings")
     embed_dim: int = arg(512, "shared embedding width (paper: 512)")
-    grad_checkpointing: bool = arg(True, "recompute activations in backward (both towers)")
+    grad_checkpointing: bool = arg(True, "recompute activations in backward (not the LM's: prefix)")
     multi_positive: bool = arg(False, "identical captions in the batch are positives too")
     # optimisation (paper section 3.3)
     batch_size: int = arg(72, "global batch, split over all ranks (paper: 72)")
@@ -96,7 +96,7 @@ class Config:
     eval_every: int = arg(1000, "validate, zero-shot and save every N steps (and at the end)")
     log_every: int = arg(50, "one log line every N steps")
     out_dir: str = arg("runs/cleft", "where last/, best/ and metrics.jsonl go")
-    resume: bool = arg(False, "continue OUT/last/ even if its config differs")
+    resume: bool = arg(False, "continue OUT/last/ with other flags (the model's must match)")
 
     def __post_init__(self):  # the two ablations replace the adapter
         if self.freeze_lm and self.full_ft_lm:
@@ -130,13 +130,6 @@ def parse_config(argv=None, config_class=Config, description=__doc__):
 def changed_fields(cfg):  # the fields that differ from the dataclass's defaults
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
 
-def die(message, this_rank_only=False):
-    """A mistake the user can fix: one line (rank 0's, or this rank's alone), exit code 1 on all."""
-    if dist.is_initialized():  # released first: gloo can abort at exit while it is alive
-        dist.destroy_process_group()
-    speaks = this_rank_only or os.environ.get("RANK", "0") == "0"
-    raise SystemExit(f"error: {message}" if speaks else 1)  # exit code 1 either way
-
 # --- Distributed setup: torchrun sets RANK; plain `python cleft.py` is a world of one
 def setup_distributed():  # (rank, world_size, device): nccl on CUDA, gloo on CPU
     cuda = torch.cuda.is_available()
@@ -148,13 +141,12 @@ def setup_distributed():  # (rank, world_size, device): nccl on CUDA, gloo on CP
     # CUDA tensors go through nccl, the host's small agreements (stop, save, resume) through gloo;
     # the others wait in a collective while rank 0 saves (GBs with --full-ft-lm): 1 hour, not 10 min
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(hours=1))
-    if dist.get_rank() > 0:  # the library's model-loading bars: rank 0's alone
-        hf_logging.disable_progress_bar()
     return dist.get_rank(), dist.get_world_size(), device
 
 def autocast_for(dtype, device):
     """(name, context): 'auto' is bf16 autocast on CUDA, fp32 on CPU; weights stay fp32."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 is fp32
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # fp32 is fp32: no TF32 in matmuls
+    torch.backends.cudnn.conv.fp32_precision = "ieee"  # nor in convolutions (default: TF32)
     dtype = dtype if dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     return dtype, torch.autocast(device.type, torch.bfloat16) if dtype == "bf16" else nullcontext()
 
@@ -226,29 +218,16 @@ def patient_id(path):
     match = re.search(r"patient\d+", path)
     return match.group(0) if match else path
 
-def read_csv(path, columns):
-    """Rows of a CSV as dicts, after checking that the columns we need are there."""
-    if not os.path.isfile(path):
-        die(f"{path} does not exist: check --data-root.")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if missing := [c for c in columns if c not in (reader.fieldnames or [])]:
-            die(f"{path} lacks the column(s) {missing}: point --data-root at a file with the "
-                "expected header (see README).")
-        rows = list(reader)
-    if not rows:
-        die(f"{path} has a header and no rows: point --data-root at a file with data.")
-    return rows
-
 def split_by_patient(rows, fraction, key=lambda row: patient_id(row["Path"])):
     """(train, val): `fraction` of the patients, drawn with seed 0, go to val."""
     patients = sorted({key(row) for row in rows})
     random.Random(0).shuffle(patients)  # not --seed: runs with other seeds validate alike
-    val = set(patients[:max(1, round(fraction * len(patients)))])
+    val = set(patients[:max(2, round(fraction * len(patients)))])  # one pair's loss is always 0
     return [r for r in rows if key(r) not in val], [r for r in rows if key(r) in val]
 
 def chexpert_rows(root, val_fraction=0.05):
-    """Frontal rows of a CheXpert folder, {'train', 'val', 'test' (chexpert_5x200.csv)}."""
+    """Rows of a CheXpert folder, {'train', 'val' (frontal views), 'test' (chexpert_5x200.csv's
+    5x200 rows, any view)}."""
     root = Path(root)
     rows = [r for r in read_csv(root / "train.csv", CHEXPERT_COLUMNS)
             if r["Frontal/Lateral"] == "Frontal"]
@@ -317,10 +296,10 @@ def make_loaders(splits, cfg, device, world_size, start_step=0):
         die(f"--batch-size {cfg.batch_size} is the global batch and must divide by the "
             f"{world_size} processes, and each one's share must divide by --accum-steps "
             f"{cfg.accum_steps}: change one.")
-    if len(splits["train"]) < cfg.batch_size or not splits["val"]:  # any val size >= 1 is scored
+    if len(splits["train"]) < cfg.batch_size or len(splits["val"]) < 2:
         die(f"{len(splits['train'])} train and {len(splits['val'])} val images after filtering; "
-            f"training needs {cfg.batch_size} (one global batch), validation 1: lower --batch-size "
-            "or check --data-root.")
+            f"training needs {cfg.batch_size} (one global batch), validation 2 (the loss of one "
+            "pair is always 0): lower --batch-size, give more data, or check --data-root.")
 
     def loader(name, batches, **view):
         dataset = XrayDataset(splits[name], cfg.image_size, name, cache=cfg.image_cache, **view)
@@ -468,7 +447,8 @@ def build_model(cfg, load=load_pretrained):
     return CLEFT(ImageTower(vit, cfg.grad_checkpointing), text_tower, cfg.embed_dim)
 
 def frozen_to_bf16(model):
-    """Frozen matmul weights (GPT-2's Conv1D) in bf16, as bf16 autocast uses them: half the size."""
+    """The frozen weights and biases of GPT-2's matmuls (Conv1D) in bf16, as bf16 autocast uses
+    them: half the size."""
     frozen = [p for module in model.modules() if type(module).__name__ == "Conv1D"
               for p in module.parameters(recurse=False) if not p.requires_grad]
     for p in frozen:  # LoRA's and IA3's own weights are trained: they stay fp32
@@ -552,9 +532,6 @@ def load_model(directory, cfg=None):
     model.load_state_dict(saved, strict=False)
     return model
 
-# flags that change how a run is watched, not what it computes: a resume may change them
-BOOKKEEPING = ["resume", "num_workers", "image_cache", "log_every", "eval_every", "strict_data"]
-
 def resume_state(cfg):
     """state.pt of OUT/last/, to the CPU, if resuming (--resume, or this config's run is there)."""
     last = Path(cfg.out_dir) / "last"
@@ -564,12 +541,7 @@ def resume_state(cfg):
             "file system that every node shares.")
     if not (cfg.resume or found):
         return None
-    saved = load_config(last)
-    changed = [f.name for f in fields(Config) if f.name not in BOOKKEEPING
-               and getattr(saved, f.name) != getattr(cfg, f.name)]
-    if changed and not cfg.resume:
-        die(f"{cfg.out_dir} holds a run with a different config ({', '.join(changed[:5])}): pass "
-            "--resume to continue it with these flags, or choose another --out-dir.")
+    check_resume(load_config(last), cfg, cfg.out_dir)  # the same model; other flags: --resume
     try:
         return torch.load(checkpoint_dir(last) / "state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -580,13 +552,17 @@ def resume_state(cfg):
 @torch.no_grad()
 def validate(model, val_loader, test_loader, autocast, batch_size):
     """{'val_loss': the contrastive loss per held-out pair, scored in batches of batch_size (the
-    last one smaller; fixed, so values compare across the run), and with a test split
-    'zero_shot_acc': % of argmax over classes of cos(image, hand-written prompt)}."""
+    last one smaller, one pair alone joining the one before: its loss would be 0; fixed, so values
+    compare across the run), and with a test split 'zero_shot_acc': % of argmax over classes of
+    cos(image, hand-written prompt)}."""
     model.eval()
     n_val = len(val_loader.dataset)
     images, texts = embed(model, val_loader, n_val, autocast)  # (n_val, D) each
+    sizes = [min(batch_size, n_val - start) for start in range(0, n_val, batch_size)]
+    if len(sizes) > 1 and sizes[-1] == 1:
+        sizes[-2:] = [sizes[-2] + 1]
     losses = [contrastive_loss(i, t, model.logit_scale, gather=False) * len(i)
-              for i, t in zip(images.split(batch_size), texts.split(batch_size))]
+              for i, t in zip(images.split(sizes), texts.split(sizes))]
     record = {"val_loss": (sum(losses) / n_val).item()}
     if n_test := len(test_loader.dataset):  # the five classes of CheXpert-5x200
         with autocast:
@@ -656,6 +632,7 @@ def main(argv=None):
     dtype, autocast = autocast_for(cfg.dtype, device)
     print0(f"config, where it differs from the defaults (all of it: OUT/last/config.json): "
            f"{json.dumps(changed_fields(cfg))}\nworld size {world_size} on {device}, {dtype}")
+    check_schedule(cfg.warmup_steps, cfg.max_steps)  # a warning if the warm-up never ends
     splits = load_splits(cfg)
     print0("data: " + ", ".join(f"{len(records)} {name}" for name, records in splits.items()))
     out_dir = Path(cfg.out_dir)
@@ -741,8 +718,4 @@ def main(argv=None):
     return 128 + stopped_by if stopped_by else 0  # 143 after SIGTERM: a stop to resume, no error
 
 if __name__ == "__main__":
-    exit_code = main()
-    if dist.is_initialized():  # DDP holds the process group: main's model goes first, or gloo
-        gc.collect()  # can abort at exit
-        dist.destroy_process_group()
-    sys.exit(exit_code)
+    sys.exit(exit_code(main))

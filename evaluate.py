@@ -292,12 +292,14 @@ def features_of(model, records, cfg, device, autocast, encode=None):
     features, labels = embed(model, loader, len(records), autocast, True, encode)
     return features, labels.cpu().numpy()
 
-def scores(runs, labels):
-    """Accuracy and AUC (%) of runs (the probabilities (n, C) of each seed) on the same test images,
-    each with its 95% bootstrap interval, and with several seeds the sd over them."""
+def scores(runs, labels, classes):
+    """Accuracy and AUC (%) of runs (each seed's probabilities (n, C)) on the same test images, with
+    95% bootstrap intervals (and the sd over seeds); AUC None if a class has no test image."""
     counts = resample_counts(len(labels))  # (1 + 1000, n): the test set, then its resamples
-    return {**summary("acc", np.stack([accuracy(p, labels, counts) for p in runs])),
-            **summary("auc", np.stack([auc(p, labels, counts) for p in runs]))}
+    accuracies = summary("acc", np.stack([accuracy(p, labels, counts) for p in runs]))
+    if absent := [name for i, name in enumerate(classes) if i not in labels]:
+        return {**accuracies, "auc": None, "auc_undefined": f"no test image of {absent}"}
+    return {**accuracies, **summary("auc", np.stack([auc(p, labels, counts) for p in runs]))}
 
 @torch.no_grad()
 def zero_shot(model, data, cfg, device, autocast):
@@ -309,7 +311,8 @@ def zero_shot(model, data, cfg, device, autocast):
     with autocast:  # (C, D)
         classes = class_features(model, data.class_texts if cfg.prompt else data.prompts, context)
     image_features, labels = features_of(model, data.splits["test"], cfg, device, autocast)
-    return scores([zero_shot_probabilities(model, image_features, classes).cpu().numpy()], labels)
+    probabilities = zero_shot_probabilities(model, image_features, classes).cpu().numpy()
+    return scores([probabilities], labels, data.classes)
 
 def fit(module, batch_loss, val_loss, cfg, desc):
     """AdamW (no weight decay on biases and norms) for cfg.max_steps on batch_loss(step), with
@@ -416,6 +419,8 @@ def retrieval(model, data, cfg, device, autocast):
 def cell(results, key):  # '66.74 (63.80-69.60)', the sd after the value with several seeds
     if not results:
         return "-"
+    if results[key] is None:  # undefined: the table's note says why
+        return "n/a"
     low, high = results[f"{key}_ci95"]
     sd = f" ± {results[f'{key}_sd']:.2f}" if f"{key}_sd" in results else ""
     return f"{results[key]:.2f}{sd} ({low:.2f}-{high:.2f})"
@@ -436,6 +441,8 @@ def markdown_table(report):
         lines += ["", "| Retrieval | I2T R@1 | I2T R@5 | I2T R@10 | T2I R@1 | T2I R@5 | T2I R@10 |",
                   "|---|---|---|---|---|---|---|",
                   f"| {name} | " + " | ".join(cell(r["retrieval"], k) for k in keys) + " |"]
+    reasons = {task["auc_undefined"] for task in r.values() if task and "auc_undefined" in task}
+    lines += [f"n/a: AUC is undefined, {reason}" for reason in reasons]  # the same for every task
     return "\n".join(lines)
 
 def main(argv=None):
@@ -473,7 +480,7 @@ def main(argv=None):
                 probabilities, labels = run(model, data, replace(cfg, seed=seed), device,
                                             autocast, seed_train)
                 runs.append(probabilities)
-            results[task] = scores(runs, labels)
+            results[task] = scores(runs, labels, data.classes)
         else:
             run = zero_shot if task == "zeroshot" else retrieval
             results[task] = run(model, data, cfg, device, autocast)

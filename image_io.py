@@ -263,7 +263,7 @@ class XrayDataset(Dataset):
             except (OSError, ValueError) as error:  # missing, truncated or corrupt
                 unreadable.append(f"{path} ({error})")
         raise NoReadableImage(f"none of the {len(self)} {self.split} images can be read, e.g. "
-                              f"{unreadable[0]}: check --data-root.")
+                              f"{unreadable[0]}: check the paths (a data set's: --data-root).")
 
 
 def overlay_map(view, patch_map):

@@ -69,7 +69,8 @@ def image_paths(inputs):
             paths += sorted(p for p in item.rglob("*")
                             if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".dcm"))
         elif item.suffix.lower() == ".csv":
-            paths += [item.parent / row["image"] for row in read_csv(item, ["image"])]
+            rows = read_csv(item, ["image"], flag="predict.py's inputs")
+            paths += [item.parent / row["image"] for row in rows]
         else:
             paths.append(item)
     return [str(p) for p in paths]
@@ -81,6 +82,8 @@ def main(argv=None):
         die("pass --ckpt, a cleft.py checkpoint folder, and one or more images, folders or CSVs.")
     if cfg.prompt and not Path(cfg.prompt).is_file():
         die(f"no prompt file at {cfg.prompt}: run prompt_tune.py first, or drop --prompt.")
+    if missing := [item for item in cfg.images if not Path(item).exists()]:
+        die(f"{missing[0]} does not exist: pass existing image files, folders or CSVs.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, autocast = autocast_for("auto", device)  # bf16 on a GPU
     model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)

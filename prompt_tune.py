@@ -7,6 +7,7 @@ with the zero-shot cross-entropy on image features computed once. Saved to CKPT/
 """
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import save_prompt, start_metrics
+from checkpoints import exit_code, save_prompt, start_metrics
 from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, EncoderTextTower, arg, autocast_for,
-                   changed_fields, chexpert_rows, die, embed, eval_batches, five_class_index,
-                   get_lr, load_config, load_model, log, make_loader, parse_config, print0,
-                   read_csv, setup_distributed, split_by_patient)
+                   changed_fields, check_schedule, chexpert_rows, die, embed, eval_batches,
+                   five_class_index, get_lr, load_config, load_model, log, make_loader,
+                   parse_config, print0, read_csv, setup_distributed, split_by_patient)
 from image_io import XrayDataset
 from metrics import paired_gain
 
@@ -76,9 +77,9 @@ def labelled_splits(cfg, classes):
     def labelled(rows):  # the images positive for exactly one of the classes
         pairs = [(r["image"], single_positive(r, classes)) for r in rows]
         return [(image, label) for image, label in pairs if label is not None]
-    test = [(r["image"], five_class_index(r)) for r in splits["test"]]
-    return {"train": labelled(splits["train"]), "val": labelled(splits["val"]),
-            "test": test if classes == FIVE_CLASSES else []}
+    test = [(r["image"], classes.index(FIVE_CLASSES[five_class_index(r)])) for r in splits["test"]
+            if set(classes) == set(FIVE_CLASSES)]  # the 5x200 test set, its classes in any order
+    return {"train": labelled(splits["train"]), "val": labelled(splits["val"]), "test": test}
 
 # --- The prompt learner (paper section 2.2, in the style of CoOp)
 class PromptLearner(nn.Module):
@@ -147,6 +148,7 @@ def main(argv=None):
     out = Path(cfg.out or Path(cfg.ckpt) / "prompt.safetensors")
     print0(f"config, where it differs from the defaults: {json.dumps(changed_fields(cfg))}\n"
            f"world size {world_size} on {device}, {dtype}")
+    check_schedule(cfg.warmup_steps, cfg.max_steps)
     splits = labelled_splits(cfg, classes)
     if not (splits["train"] and splits["val"]):
         die(f"no train or no val image is positive for exactly one of {classes}: check "
@@ -243,8 +245,6 @@ def main(argv=None):
     if rank == 0:
         save_prompt(out, learner.context, classes, cfg)
     print0(f"done: best held-out loss {best_loss:.4f} at step {best_step}; context saved to {out}")
-    if world_size > 1:
-        dist.destroy_process_group()
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

@@ -1,7 +1,9 @@
 import dataclasses
 import os
 import signal
+import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 os.environ.setdefault(
@@ -20,6 +22,59 @@ def pytest_configure(config):
     # the filter cleft.py applies at import (pytest resets the filters set while it imports)
     pattern = "`(is_gradient_checkpointing|past_key_values)` is deprecated"
     config.addinivalue_line("filterwarnings", f"ignore:{pattern}")
+
+
+# a multi-process command's limit: they take 10-40 s on a busy 2-core machine; a hang ends here
+TIMEOUT = 150
+
+
+def descendants(pid):
+    """Every process under pid, its children's children too (Linux: read from /proc)."""
+    children = {}  # parent pid -> child pids
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, IndexError):  # a process that ended meanwhile
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found = []
+    unvisited = [pid]
+    while unvisited:
+        below = children.get(unvisited.pop(), [])
+        found += below
+        unvisited += below
+    return found
+
+
+def kill_tree(process):
+    """SIGKILL to a Popen and every process under it: torchrun's workers run in sessions of their
+    own, so killing its process group would leave them. All are found before any is killed (an
+    orphan's parent becomes init, and the link is lost)."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.communicate()
+
+
+def communicate(process, timeout=TIMEOUT):
+    """(stdout, stderr) of a Popen; on a timeout (or Ctrl-C) every process under it is killed
+    first, and the test fails saying so."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        pytest.fail(f"{process.args[:4]}... ran past {timeout} s: it and every process under it "
+                    "were killed")
+    except BaseException:
+        kill_tree(process)
+        raise
+
+
+def run_tree(command, **kwargs):
+    """subprocess.run for a command that starts processes of its own (torchrun), with the whole
+    tree killed if it runs past TIMEOUT."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **kwargs)
+    stdout, stderr = communicate(process)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(autouse=True)

@@ -25,11 +25,7 @@ def save_file(tensors, path, *args, **kwargs):  # best/ and last/ at step 0 fit,
 if __name__ == "__main__":
     checkpoints.save_file = save_file
     out = Path(sys.argv[1])
-    rank = os.environ["RANK"]  # read now: die() ends the process group
-    try:
-        cleft.main(sys.argv[2:])
-        result = "went on"
-    except SystemExit as stop:
-        result = f"exit {stop.code}"
+    code = checkpoints.exit_code(lambda: cleft.main(sys.argv[2:]))  # as `python cleft.py` ends
+    result = "went on" if code == 0 else f"exit {code}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{rank}.txt").write_text(result)
+    (out / f"rank{os.environ['RANK']}.txt").write_text(result)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 import cleft
+from checkpoints import exit_code
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
@@ -16,9 +17,6 @@ if __name__ == "__main__":
     if rank == 1:
         (folder / "last").mkdir(parents=True)
         (folder / "last" / "model.safetensors").write_bytes(b"")
-    try:
-        cleft.resume_state(cleft.parse_config(["--out-dir", str(folder)]))
-        result = "went on"
-    except SystemExit as stop:
-        result = f"exit {stop.code}"
+    code = exit_code(lambda: cleft.resume_state(cleft.parse_config(["--out-dir", str(folder)])))
+    result = "went on" if code is None else f"exit {code}"
     (out / f"rank{rank}.txt").write_text(result)

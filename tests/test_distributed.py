@@ -1,37 +1,29 @@
 """Two gloo processes on halves of a global batch give the loss and gradients of one process on all
-of it."""
+of it; ranks that disagree about resuming all stop; the process group is released last."""
 
 import os
-import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from conftest import tiny_model
+import cleft
+from checkpoints import exit_code
+from conftest import run_tree, tiny_model
 from dist_worker import global_batch, loss_and_grads
 
 TESTS = Path(__file__).parent
 
 
 def torchrun(*args, nproc=2):
+    """torchrun with nproc CPU processes; all of them killed if it runs past conftest's TIMEOUT."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            *map(str, args),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    return run_tree([*launcher, str(nproc), *map(str, args)], env=env)
 
 
 @pytest.mark.parametrize("multi_positive, accum_steps", [(False, 1), (True, 1), (False, 2)])
@@ -61,3 +53,29 @@ def test_ranks_that_disagree_about_resuming_all_stop(tmp_path):
         f"exit error: some processes see a checkpoint in {tmp_path / 'node0' / 'last'} and others "
         "do not: put --out-dir on a file system that every node shares.")
     assert (tmp_path / "rank1.txt").read_text() == "exit 1"
+
+
+def test_the_process_group_is_released_after_the_model_that_holds_it(tmp_path, monkeypatch):
+    """DDP holds the process group. Freed by DDP's destructor, the group would wait, holding
+    Python's lock, for gloo's threads, which may need that lock to free a collective's tensors:
+    a hang at exit, now and then, after an error line. So die() leaves the group alone, and
+    exit_code releases it once main's objects are gone."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    model_alive_at_release = []
+    real_destroy = dist.destroy_process_group
+    model = None
+
+    def destroy(*args):
+        model_alive_at_release.append(model() is not None)
+        real_destroy(*args)
+
+    def main():
+        nonlocal model
+        ddp = DistributedDataParallel(torch.nn.Linear(2, 2))
+        model = weakref.ref(ddp)
+        cleft.die("a mistake")
+
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    assert exit_code(main) == "error: a mistake"
+    assert model_alive_at_release == [False] and not dist.is_initialized()

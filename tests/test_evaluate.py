@@ -148,6 +148,10 @@ def test_data_pct_subsets_are_seeded_and_nested():
     assert len(evaluate.subset(records[:20], 0.01, seed=0)) == 1  # never empty
 
 
+def approx_record(record):  # each value of a results dict (numbers, intervals) to pytest.approx
+    return {key: pytest.approx(value) for key, value in record.items()}
+
+
 def test_zero_shot_with_a_prompt_file_uses_the_learned_context(demo_root, stage1_ckpt, tmp_path):
     cfg = config("--ckpt", str(stage1_ckpt), "--data-root", str(demo_root), "--num-workers", "0")
     data = evaluate.load_data(cfg)
@@ -161,12 +165,12 @@ def test_zero_shot_with_a_prompt_file_uses_the_learned_context(demo_root, stage1
     )
     save_prompt(tmp_path / "init.safetensors", learner.context, data.classes, cfg)
     cfg.prompt = str(tmp_path / "init.safetensors")
-    assert evaluate.zero_shot(model, data, cfg, device, autocast) == pytest.approx(hand_written)
+    assert evaluate.zero_shot(model, data, cfg, device, autocast) == approx_record(hand_written)
     with torch.no_grad():  # a different context gives a different classifier
         learner.context.copy_(torch.randn_like(learner.context))
     save_prompt(tmp_path / "noise.safetensors", learner.context, data.classes, cfg)
     cfg.prompt = str(tmp_path / "noise.safetensors")
-    assert evaluate.zero_shot(model, data, cfg, device, autocast) != pytest.approx(hand_written)
+    assert evaluate.zero_shot(model, data, cfg, device, autocast) != approx_record(hand_written)
 
 
 def test_the_zero_shot_accuracy_logged_in_training_is_evaluate_s(stage1_ckpt, demo_root):
@@ -465,3 +469,18 @@ def test_fine_tuning_trains_the_tower_in_training_mode(demo_root, stage1_ckpt, m
                        data.splits["train"][:16])
     assert modes == [True] * 4
     assert not any(m.training for m in model.modules())
+
+
+def test_an_auc_with_a_class_absent_from_the_test_set_is_n_a(recwarn):
+    """Two classes, the test set holds images of the first alone: the AUC is undefined, so the
+    JSON holds null with the reason, the table 'n/a' and the reason once; no NumPy warning."""
+    probabilities = np.random.default_rng(0).dirichlet([1, 1], size=20).astype(np.float32)
+    result = evaluate.scores([probabilities], np.zeros(20, dtype=int), ["normal", "pneumonia"])
+    assert result["acc"] == pytest.approx(100 * (probabilities.argmax(1) == 0).mean())
+    assert result["auc"] is None and result["auc_undefined"] == "no test image of ['pneumonia']"
+    report = {"dataset": "csv", "checkpoint": "run/best", "prompt": None, "data_pct": 1.0,
+              "seeds": [0], "results": {"zeroshot": result, "linear": result}}
+    table = evaluate.markdown_table(report).splitlines()
+    assert table[3].split(" | ")[2:5] == ["n/a", evaluate.cell(result, "acc"), "n/a"]
+    assert table[4:] == ["n/a: AUC is undefined, no test image of ['pneumonia']"]
+    assert not recwarn.list

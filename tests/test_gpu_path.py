@@ -25,13 +25,26 @@ CPU = torch.device("cpu")
 BF16 = torch.autocast("cpu", torch.bfloat16)
 
 
+@pytest.fixture
+def tf32_on():
+    """TF32 switched on for matmuls and convolutions, and put back as it was afterwards (by hand:
+    these settings live behind a module's __getattr__, which monkeypatch cannot undo)."""
+    matmul = torch.backends.cuda.matmul
+    conv = torch.backends.cudnn.conv
+    before = {"matmul": matmul.fp32_precision, "conv": conv.fp32_precision}
+    matmul.fp32_precision = "tf32"
+    conv.fp32_precision = "tf32"
+    yield
+    matmul.fp32_precision = before["matmul"]
+    conv.fp32_precision = before["conv"]
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "auto"])
-def test_no_tf32_whatever_the_dtype(dtype, monkeypatch):
+def test_no_tf32_whatever_the_dtype(dtype, tf32_on):
     """TF32 would reach only the fp32 matmuls (logits, loss, heads), which must stay fp32."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     cleft.autocast_for(dtype, CPU)
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
 
 
 def test_under_bf16_autocast_the_loss_and_the_heads_are_fp32(demo_folder, demo_root, stage1_ckpt,
@@ -146,7 +159,8 @@ def test_a_split_with_no_readable_image_is_one_error_line(demo_root, demo_folder
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "error: none of the 3 val images can be read, e.g. " in errors[0]
-    assert "gone0.jpg" in errors[0] and errors[0].endswith("check --data-root.")
+    assert "gone0.jpg" in errors[0] and errors[0].endswith(
+        "check the paths (a data set's: --data-root).")
 
 
 def test_evaluate_under_torchrun_says_it_runs_in_one_process(monkeypatch, stage1_ckpt):

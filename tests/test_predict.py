@@ -128,3 +128,10 @@ def test_multi_label_scores_each_class_on_its_own(test_set, stage1_ckpt, tmp_pat
 def test_no_images_is_one_clear_error(stage1_ckpt, tmp_path):
     with pytest.raises(SystemExit, match="no images in"):
         predict.main(["--ckpt", str(stage1_ckpt), str(tmp_path)])
+
+
+def test_a_missing_input_is_named_before_the_model_loads(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        predict.main(["--ckpt", str(tmp_path / "no-run"), str(tmp_path / "scans")])
+    assert str(error.value) == (f"error: {tmp_path / 'scans'} does not exist: pass existing image "
+                                "files, folders or CSVs.")

@@ -312,3 +312,15 @@ def test_csv_labels_split_column_and_caption(demo_folder, tmp_path, capsys):
     assert "the context keeps the last 10 of 23 tokens" in capsys.readouterr().out
     caption = embed(model, "a breast mammogram with")  # (23, H): one token per byte
     torch.testing.assert_close(learner.context.detach(), caption[-10:])
+
+
+def test_the_five_classes_in_another_order_keep_the_test_report(demo_root):
+    """The 5x200 test images are labelled by name, whatever the order --classes gives."""
+    cfg = cleft.parse_config(["--ckpt", "unused", "--data-root", str(demo_root)],
+                             prompt_tune.PromptConfig)
+    reordered = cleft.FIVE_CLASSES[::-1]
+    splits = prompt_tune.labelled_splits(cfg, reordered)
+    rows = cleft.chexpert_rows(demo_root)["test"]
+    assert len(splits["test"]) == len(rows) == 50
+    assert [reordered[label] for _, label in splits["test"]] == [
+        cleft.FIVE_CLASSES[cleft.five_class_index(row)] for row in rows]

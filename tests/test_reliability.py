@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import cleft
-from conftest import stage1_flags, tiny_config, tiny_model
+from conftest import TIMEOUT, communicate, kill_tree, stage1_flags, tiny_config, tiny_model
 from test_distributed import TESTS, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,19 @@ def run(folder, out_dir, *flags):
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
 
 
+STARTED = []  # the processes start() launched
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    """Whatever way a test ends, the processes it started end with it, and all under them."""
+    yield
+    for process in STARTED:
+        if process.poll() is None:
+            kill_tree(process)
+    STARTED.clear()
+
+
 def start(args, torchrun=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
     launcher = (
@@ -47,19 +60,15 @@ def start(args, torchrun=False):
         if torchrun
         else [sys.executable]
     )
-    return subprocess.Popen(
-        [*launcher, str(ROOT / "cleft.py"), *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = subprocess.Popen([*launcher, str(ROOT / "cleft.py"), *map(str, args)], cwd=ROOT,
+                               env=env, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    STARTED.append(process)
+    return process
 
 
 def finish(process):
-    stdout, process.stderr_text = process.communicate(timeout=300)
+    stdout, process.stderr_text = communicate(process)
     assert process.returncode == 0, process.stderr_text[-3000:]
     return stdout
 
@@ -67,7 +76,7 @@ def finish(process):
 def kill_after(process, metrics_file, step, how=signal.SIGKILL):
     """Send `how` to the whole process group once metrics.jsonl has logged `step`, mid-run;
     (stdout, stderr) of the process."""
-    deadline = time.time() + 240
+    deadline = time.time() + TIMEOUT
     while time.time() < deadline:
         if metrics_file.exists() and any(
             json.loads(line)["step"] >= step
@@ -75,7 +84,7 @@ def kill_after(process, metrics_file, step, how=signal.SIGKILL):
             if line
         ):
             os.killpg(process.pid, how)
-            return process.communicate(timeout=120)
+            return communicate(process)
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.02)
     raise AssertionError("the run never reached the step to kill it at")
@@ -223,11 +232,13 @@ def test_sigterm_to_one_rank_under_torchrun_stops_both_at_one_step(demo_folder, 
     finish(start([*args, "--out-dir", straight], torchrun=True))
     process = start([*args, "--out-dir", stopped], torchrun=True)
     metrics = stopped / "metrics.jsonl"
+    deadline = time.time() + TIMEOUT
     while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
         assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run never reached step 5"
         time.sleep(0.02)
     os.killpg(rank_process(process, 1), signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, stderr = communicate(process)
     step = stopped_step(stdout, stopped)  # one line, rank 0's: it got no signal itself
     assert 5 < step < 10 and "[rank" not in stderr, stderr[-3000:]  # no rank's traceback
     assert torch.load(stopped / "last" / "state.pt", weights_only=True)["step"] == step
@@ -237,11 +248,23 @@ def test_sigterm_to_one_rank_under_torchrun_stops_both_at_one_step(demo_folder, 
 
 
 def test_a_different_config_is_never_resumed_silently(demo_folder, tmp_path):
+    """Another --lr needs --resume; another model (its adapter, its shapes) is refused even with
+    --resume, in one line that names each differing flag with both values; with --resume the
+    schedule may change."""
     train(demo_folder, tmp_path, "--max-steps", 2, "--eval-every", 2)
-    with pytest.raises(
-        SystemExit, match=r"holds a run with a different config \(lr\): pass --resume"
-    ):
+    with pytest.raises(SystemExit, match=r"holds a run with other flags \(--lr 0.0005 \(saved\) "
+                       r"vs 0.001 \(given\)\): pass --resume to continue it with these flags"):
         train(demo_folder, tmp_path, "--max-steps", 2, "--lr", "1e-3")
+    for resume in ([], ["--resume"]):
+        with pytest.raises(SystemExit) as error:
+            train(demo_folder, tmp_path, "--max-steps", 2, "--lora-r", 4, "--peft", "ia3",
+                  *resume)
+        assert str(error.value) == (
+            f"error: {tmp_path} holds a run of another model (--peft lora (saved) vs ia3 (given), "
+            "--lora-r 8 (saved) vs 4 (given)): pass the saved flags to resume it, or choose "
+            "another --out-dir.")
+    train(demo_folder, tmp_path, "--max-steps", 4, "--eval-every", 2, "--lr", "1e-3", "--resume")
+    assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 4
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(demo_folder, tmp_path, monkeypatch):
