@@ -2,6 +2,7 @@
 of it; ranks that disagree about resuming all stop; the process group is released last."""
 
 import os
+import signal
 import sys
 import weakref
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import cleft
-from checkpoints import exit_code
+from checkpoints import StopSignals, exit_code
 from conftest import run_tree, tiny_model
 from dist_worker import global_batch, loss_and_grads
 
@@ -79,3 +80,21 @@ def test_the_process_group_is_released_after_the_model_that_holds_it(tmp_path, m
     monkeypatch.setattr(dist, "destroy_process_group", destroy)
     assert exit_code(main) == "error: a mistake"
     assert model_alive_at_release == [False] and not dist.is_initialized()
+
+
+def stop_signal_agreed(rank, store, out):
+    """One of two processes that both get SIGTERM (a scheduler signals every process of a job):
+    writes the signal the ranks agree on to OUT/rank{rank}.txt."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    stop = StopSignals()
+    os.kill(os.getpid(), signal.SIGTERM)
+    (out / f"rank{rank}.txt").write_text(str(stop.agreed()))
+    dist.destroy_process_group()
+
+
+def test_ranks_that_all_get_sigterm_agree_on_sigterm(tmp_path):
+    """The agreement is the largest signal any rank got, not their sum: with both ranks signalled
+    it is still SIGTERM, so every process exits 143, the code a requeue script looks for."""
+    torch.multiprocessing.spawn(stop_signal_agreed, args=(tmp_path / "store", tmp_path), nprocs=2)
+    agreed = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert agreed == [str(int(signal.SIGTERM))] * 2

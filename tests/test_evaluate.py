@@ -484,3 +484,21 @@ def test_an_auc_with_a_class_absent_from_the_test_set_is_n_a(recwarn):
     assert table[3].split(" | ")[2:5] == ["n/a", evaluate.cell(result, "acc"), "n/a"]
     assert table[4:] == ["n/a: AUC is undefined, no test image of ['pneumonia']"]
     assert not recwarn.list
+
+
+def test_each_seed_trains_on_its_own_subset(demo_root, stage1_ckpt, tmp_path, monkeypatch):
+    """--seeds 0,1 at 50%: each seed's linear probe trains on subset(train, 0.5, seed), and the two
+    subsets differ (the spread over seeds includes the choice of images)."""
+    trained_on, real_linear_probe = [], evaluate.linear_probe
+
+    def linear_probe(model, data, cfg, device, autocast, train):
+        trained_on.append(train)
+        return real_linear_probe(model, data, cfg, device, autocast, train)
+
+    monkeypatch.setattr(evaluate, "linear_probe", linear_probe)
+    evaluate.main(["--ckpt", str(stage1_ckpt), "--data-root", str(demo_root), "--task", "linear",
+                   "--max-steps", "2", "--eval-every", "2", "--num-workers", "0", "--data-pct",
+                   "0.5", "--seeds", "0,1", "--out", str(tmp_path / "results.json")])
+    train = evaluate.load_data(config("--data-root", str(demo_root))).splits["train"]
+    assert trained_on == [evaluate.subset(train, 0.5, 0), evaluate.subset(train, 0.5, 1)]
+    assert trained_on[0] != trained_on[1]

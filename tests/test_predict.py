@@ -113,13 +113,23 @@ def test_a_prompt_file_brings_its_classes(test_set, stage1_ckpt, tmp_path):
 
 
 def test_multi_label_scores_each_class_on_its_own(test_set, stage1_ckpt, tmp_path):
+    """Each class's probability is that of '... with <class>' against '... with no <class>':
+    sigmoid(scale * (cos(image, with) - cos(image, without))), computed here from the model."""
     cfg, data = test_set
-    images = write_image_csv(tmp_path / "in.csv", [p for p, _ in data.splits["test"][:8]])
+    paths = [p for p, _ in data.splits["test"][:8]]
+    images = write_image_csv(tmp_path / "in.csv", paths)
     predict.main(["--ckpt", str(stage1_ckpt), str(images), "--multi-label",
                   "--out", str(tmp_path / "p.csv")])
     rows = read_rows(tmp_path / "p.csv")
     probabilities = np.array([[float(row[c]) for c in data.classes] for row in rows])  # (8, 5)
-    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    model = cleft.load_model(stage1_ckpt).eval()
+    with torch.no_grad():
+        views = model.encode_image(torch.stack([load_image(p, 112) for p in paths]))  # (8, D)
+        present = model.encode_text(cleft.class_prompts(data.classes))  # (5, D)
+        absent = model.encode_text(cleft.class_prompts(["no " + c for c in data.classes]))
+        expected = torch.sigmoid(model.logit_scale.exp() * (views @ present.T - views @ absent.T))
+    assert np.abs(expected.numpy() - 0.5).max() > 0.01  # the opposite side would differ
+    np.testing.assert_allclose(probabilities, expected.numpy(), atol=2e-4)  # the CSV's 4 places
     assert not np.allclose(probabilities.sum(axis=1), 1, atol=1e-2)  # not one class of all
     for row, p in zip(rows, probabilities):  # the prediction lists the classes above one half
         assert row["prediction"] == ";".join(c for c, v in zip(data.classes, p) if v > 0.5)

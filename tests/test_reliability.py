@@ -597,3 +597,56 @@ def test_the_logit_scale_never_exceeds_100(demo_folder, tmp_path):
     final = load_file(tmp_path / "last" / "model.safetensors")["logit_scale"]
     assert final.exp().item() <= 100 + 1e-3
 
+
+
+@pytest.mark.parametrize("how, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_between_evaluations_saves_last_and_leaves_best(demo_folder, tmp_path,
+                                                               monkeypatch, how, exit_code):
+    """The signal arrives during step 2's update (evaluations at 0 and 2): the run stops at step 3,
+    an unvalidated one, so last/ holds step 3 and best/ still an evaluated step; main returns
+    128 + the signal (the exit code of `python cleft.py`), which tells a requeue from a Ctrl-C."""
+    steps, real_train_step = [], cleft.train_step
+
+    def train_step(*args, **kwargs):
+        steps.append(len(steps))
+        if len(steps) == 3:  # step 2
+            os.kill(os.getpid(), how)
+        return real_train_step(*args, **kwargs)
+
+    monkeypatch.setattr(cleft, "train_step", train_step)
+    returned = cleft.main(stage1_flags(demo_folder, "--out-dir", tmp_path, *FAST,
+                                       "--max-steps", 6, "--eval-every", 2))
+    assert returned == exit_code and steps == [0, 1, 2]
+    assert torch.load(tmp_path / "last" / "state.pt", weights_only=True)["step"] == 3
+    assert torch.load(tmp_path / "best" / "state.pt", weights_only=True)["step"] in (0, 2)
+    evaluated = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
+                                        .splitlines()) if "val_loss" in r]
+    assert evaluated == [0, 2]
+
+
+def test_a_disk_filled_by_the_save_itself_is_named_as_full(demo_folder, tmp_path, monkeypatch):
+    """A disk with room for a 1 MB write but not for the checkpoint too: safetensors writes part
+    of model.safetensors and reports it in words of its own. The OS is asked while DIR.tmp/ still
+    takes its space, so the run ends in the one `error:` line with the OS's reason (asked after
+    DIR.tmp/ is removed, the write would succeed, and the run would end in a traceback)."""
+    train(demo_folder, tmp_path, "--max-steps", 2, "--eval-every", 2)
+    used = lambda: sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    capacity = used() + 2**20 + 2**16  # the 1 MB probe fits, with the checkpoint's files it does not
+    real_save_file, real_temporary_file = checkpoints.save_file, checkpoints.tempfile.TemporaryFile
+
+    def save_file(tensors, path, *args, **kwargs):
+        real_save_file(tensors, path, *args, **kwargs)
+        if used() > capacity:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    def temporary_file(*args, **kwargs):  # the OS's answer to the 1 MB probe on this disk
+        if used() + 2**20 > capacity:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_temporary_file(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", save_file)
+    monkeypatch.setattr(checkpoints.tempfile, "TemporaryFile", temporary_file)
+    with pytest.raises(SystemExit, match=rf"^error: could not write {tmp_path}/(best|last) \(No "
+                       rf"space left on device\); {tmp_path}/last holds step 2: free space"):
+        train(demo_folder, tmp_path, "--max-steps", 4, "--eval-every", 2, "--resume")
+    assert not list(tmp_path.glob("*.tmp"))
