@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -129,13 +130,16 @@ class StopSignals:
 
 
 def exit_code(main):
-    """main()'s exit code, its SystemExit (an `error:` line) included, after the process group is
+    """main()'s exit code (an `error:` line's 1, a traceback's 1), after the process group is
     released, last: DDP holds the group, and if DDP's destructor freed it, it would wait, holding
     Python's lock, for gloo's threads, which need that lock to free a collective's tensors."""
     try:
         code = main()
     except SystemExit as stop:
         code = stop.code
+    except BaseException as error:  # a bug, or Ctrl-C outside training: shown as Python would
+        traceback.print_exc()
+        code = 130 if isinstance(error, KeyboardInterrupt) else 1
     gc.collect()  # main's objects, DDP included (the exception no longer holds its frames)
     if dist.is_initialized():
         dist.destroy_process_group()

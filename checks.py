@@ -36,14 +36,14 @@ def read_csv(path, columns, flag="--data-root"):
             "--data csv.")
     if not path.is_file():
         die(f"{path} does not exist: check {flag}.")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" has a BOM
         reader = csv.DictReader(f)
         if missing := [c for c in columns if c not in (reader.fieldnames or [])]:
-            die(f"{path} lacks the column(s) {missing}: point {flag} at a file with the expected "
+            die(f"{path} lacks the column(s) {missing}: give {flag} a file with the expected "
                 "header (see README).")
         rows = list(reader)
     if not rows:
-        die(f"{path} has a header and no rows: point {flag} at a file with data.")
+        die(f"{path} has a header and no rows: give {flag} a file with data.")
     return rows
 
 
@@ -73,4 +73,5 @@ def check_resume(saved, given, out_dir):
 def check_schedule(warmup_steps, max_steps):
     if warmup_steps >= max_steps:
         warn(f"--warmup-steps {warmup_steps} is at or above --max-steps {max_steps}: the learning "
-             "rate never reaches its peak (--lr); lower --warmup-steps.")
+             "rate climbs for the whole run (to --lr at the last step at most, with no decay); "
+             "lower --warmup-steps.")

@@ -48,7 +48,8 @@ from image_io import UNREADABLE, XrayDataset, make_loader, report_unreadable
 
 # peft 0.21 uses two arguments that transformers deprecates: hidden, as they are not ours to change
 warnings.filterwarnings("ignore", "`(is_gradient_checkpointing|past_key_values)` is deprecated")
-hf_logging.disable_progress_bar()  # transformers' bars for every model load and save; ours stay
+# transformers' bars for every model load and save, off; ours and the hub's download bars stay
+hf_logging.set_tqdm_hook(lambda factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))
 
 # --- Config: one dataclass; every field is a command-line flag, `help` is its documentation
 def arg(default, help, choices=None):
@@ -66,7 +67,7 @@ class Config:
     num_workers: int = arg(-1, "loader processes per rank (-1: the node's cores over its ranks)")
     image_cache: str = arg("", "folder for a small decoded copy of each image (same results)")
     strict_data: bool = arg(False, "stop at the first unreadable image instead of skipping it")
-    val_fraction: float = arg(0.05, "share held out for validation: patients; csv: images (>= 2)")
+    val_fraction: float = arg(0.05, "share of patients (csv: images) held out, 2 at least")
     # model
     preset: str = arg("", "a named set of defaults (explicit flags win)", ["", "medclip-vit-l"])
     text_model: str = arg("stanford-crfm/BioMedLM", "hub id or local save_pretrained folder")
@@ -80,7 +81,7 @@ class Config:
     full_ft_lm: bool = arg(False, "ablation: every LM weight trained, no adapter")
     train_embed: bool = arg(False, "also train the LM's token embeddings")
     embed_dim: int = arg(512, "shared embedding width (paper: 512)")
-    grad_checkpointing: bool = arg(True, "recompute activations in backward (not the LM's: prefix)")
+    grad_checkpointing: bool = arg(True, "recompute activations in backward (prefix: ViT only)")
     multi_positive: bool = arg(False, "identical captions in the batch are positives too")
     # optimisation (paper section 3.3)
     batch_size: int = arg(72, "global batch, split over all ranks (paper: 72)")
@@ -222,7 +223,7 @@ def split_by_patient(rows, fraction, key=lambda row: patient_id(row["Path"])):
     """(train, val): `fraction` of the patients, drawn with seed 0, go to val."""
     patients = sorted({key(row) for row in rows})
     random.Random(0).shuffle(patients)  # not --seed: runs with other seeds validate alike
-    val = set(patients[:max(2, round(fraction * len(patients)))])  # one pair's loss is always 0
+    val = set(patients[:max(2, round(fraction * len(patients)))])  # 2: a pair alone scores 0
     return [r for r in rows if key(r) not in val], [r for r in rows if key(r) in val]
 
 def chexpert_rows(root, val_fraction=0.05):

@@ -436,13 +436,13 @@ def markdown_table(report):
              "95% bootstrap intervals in parentheses",
              "| Method | ZS-Acc | ZS-AUC | LP-Acc | LP-AUC | FT-Acc | FT-AUC |",
              "|---|---|---|---|---|---|---|", f"| {name} | " + " | ".join(cells) + " |"]
+    reasons = {task["auc_undefined"] for task in r.values() if task and "auc_undefined" in task}
+    lines += [f"n/a: AUC is undefined, {reason}" for reason in reasons]  # the same for every task
     if r.get("retrieval"):
         keys = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
         lines += ["", "| Retrieval | I2T R@1 | I2T R@5 | I2T R@10 | T2I R@1 | T2I R@5 | T2I R@10 |",
                   "|---|---|---|---|---|---|---|",
                   f"| {name} | " + " | ".join(cell(r["retrieval"], k) for k in keys) + " |"]
-    reasons = {task["auc_undefined"] for task in r.values() if task and "auc_undefined" in task}
-    lines += [f"n/a: AUC is undefined, {reason}" for reason in reasons]  # the same for every task
     return "\n".join(lines)
 
 def main(argv=None):

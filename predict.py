@@ -69,7 +69,7 @@ def image_paths(inputs):
             paths += sorted(p for p in item.rglob("*")
                             if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".dcm"))
         elif item.suffix.lower() == ".csv":
-            rows = read_csv(item, ["image"], flag="predict.py's inputs")
+            rows = read_csv(item, ["image"], flag="predict.py")
             paths += [item.parent / row["image"] for row in rows]
         else:
             paths.append(item)

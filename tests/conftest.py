@@ -51,7 +51,8 @@ def kill_tree(process):
     for pid in [process.pid, *descendants(process.pid)]:
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    process.communicate()
+    with suppress(subprocess.TimeoutExpired):  # a process missed would hold its pipes open
+        process.communicate(timeout=30)
 
 
 def communicate(process, timeout=TIMEOUT):

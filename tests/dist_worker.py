@@ -1,7 +1,8 @@
-"""Run under `torchrun --nproc_per_node=N tests/dist_worker.py DEMO_FOLDER OUT.pt [--multi-positive]
-[--accum-steps K]`: each rank loads the tiny models from DEMO_FOLDER, takes its slice of one fixed
-global batch and runs cleft.train_step under DDP; rank 0 saves the mean loss and the (DDP-averaged)
-gradients. test_distributed.py compares them with one process on the whole batch."""
+"""Run under `torchrun --nproc_per_node=N tests/dist_worker.py DEMO_FOLDER OUT.pt`: for each of
+CONFIGS (multi-positive targets, --accum-steps) each rank loads the tiny models from DEMO_FOLDER,
+takes its slice of one fixed global batch and runs cleft.train_step under DDP; rank 0 saves the
+mean losses and the (DDP-averaged) gradients. test_distributed.py compares them with one process
+on the whole batch."""
 
 import gc
 import sys
@@ -49,23 +50,25 @@ def loss_and_grads(model, images, captions, multi_positive=False, accum_steps=1)
     return loss, {n: p.grad.clone() for n, p in raw.named_parameters() if p.requires_grad}
 
 
+# (multi_positive, accum_steps) of each configuration compared with one process
+CONFIGS = [(False, 1), (True, 1), (False, 2)]
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     folder, out = Path(sys.argv[1]), sys.argv[2]
-    model = DistributedDataParallel(tiny_model(folder))
     images, captions = global_batch()
     per_rank = len(captions) // world_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    accum_steps = (
-        int(sys.argv[sys.argv.index("--accum-steps") + 1]) if "--accum-steps" in sys.argv else 1
-    )
-    loss, grads = loss_and_grads(
-        model, images[mine], captions[mine], "--multi-positive" in sys.argv, accum_steps
-    )
-    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    results = {}  # (multi_positive, accum_steps) -> the mean loss and the DDP-averaged gradients
+    for multi_positive, accum_steps in CONFIGS:  # a fresh model for each, as one process has
+        model = DistributedDataParallel(tiny_model(folder))
+        loss, grads = loss_and_grads(model, images[mine], captions[mine], multi_positive,
+                                     accum_steps)
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        results[f"{multi_positive}-{accum_steps}"] = {"loss": loss, "grads": grads}
+        del model  # DDP holds the process group: free it first, or gloo can abort at exit
     if rank == 0:
-        torch.save({"loss": loss, "grads": grads}, out)
-    del model  # DDP holds the process group: free it first, or gloo can abort at exit
+        torch.save(results, out)
     gc.collect()
     dist.destroy_process_group()

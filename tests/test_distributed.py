@@ -4,6 +4,7 @@ of it; ranks that disagree about resuming all stop; the process group is release
 import os
 import signal
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import cleft
 from checkpoints import StopSignals, exit_code
-from conftest import run_tree, tiny_model
-from dist_worker import global_batch, loss_and_grads
+from conftest import TIMEOUT, run_tree, tiny_model
+from dist_worker import CONFIGS, global_batch, loss_and_grads
 
 TESTS = Path(__file__).parent
 
@@ -27,15 +28,20 @@ def torchrun(*args, nproc=2):
     return run_tree([*launcher, str(nproc), *map(str, args)], env=env)
 
 
-@pytest.mark.parametrize("multi_positive, accum_steps", [(False, 1), (True, 1), (False, 2)])
-def test_two_processes_equal_one(demo_folder, tmp_path, multi_positive, accum_steps):
+@pytest.fixture(scope="module")
+def two_processes(demo_folder, tmp_path_factory):
+    """The loss and gradients of two gloo processes for each of dist_worker.CONFIGS (a torchrun)."""
+    out = tmp_path_factory.mktemp("two") / "two.pt"
+    result = torchrun(TESTS / "dist_worker.py", demo_folder, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("multi_positive, accum_steps", CONFIGS)
+def test_two_processes_equal_one(demo_folder, two_processes, multi_positive, accum_steps):
     """With --accum-steps 2 each rank runs 2 micro-batches (gradient cache, DDP synchronised on the
     last)."""
-    out = tmp_path / "two.pt"
-    flags = (["--multi-positive"] if multi_positive else []) + ["--accum-steps", str(accum_steps)]
-    result = torchrun(TESTS / "dist_worker.py", demo_folder, out, *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = torch.load(out, weights_only=True)
+    two = two_processes[f"{multi_positive}-{accum_steps}"]
     images, captions = global_batch()
     loss, grads = loss_and_grads(tiny_model(demo_folder), images, captions, multi_positive)
     torch.testing.assert_close(two["loss"], loss, rtol=1e-5, atol=1e-6)
@@ -95,6 +101,13 @@ def stop_signal_agreed(rank, store, out):
 def test_ranks_that_all_get_sigterm_agree_on_sigterm(tmp_path):
     """The agreement is the largest signal any rank got, not their sum: with both ranks signalled
     it is still SIGTERM, so every process exits 143, the code a requeue script looks for."""
-    torch.multiprocessing.spawn(stop_signal_agreed, args=(tmp_path / "store", tmp_path), nprocs=2)
+    processes = torch.multiprocessing.spawn(stop_signal_agreed, nprocs=2, join=False,
+                                            args=(tmp_path / "store", tmp_path))
+    deadline = time.time() + TIMEOUT
+    while not processes.join(timeout=1):  # True once both have ended (raises if one failed)
+        if time.time() > deadline:
+            for process in processes.processes:
+                process.kill()
+            pytest.fail(f"the two processes ran past {TIMEOUT} s and were killed")
     agreed = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert agreed == [str(int(signal.SIGTERM))] * 2

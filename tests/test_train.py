@@ -254,5 +254,6 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path, capsys, warmup_s
         cleft.main(["--data-root", str(tmp_path), "--max-steps", "10",
                     "--warmup-steps", str(warmup_steps)])
     warning = (f"warning: --warmup-steps {warmup_steps} is at or above --max-steps 10: the "
-               "learning rate never reaches its peak (--lr); lower --warmup-steps.\n")
+               "learning rate climbs for the whole run (to --lr at the last step at most, with "
+               "no decay); lower --warmup-steps.\n")
     assert (warning in capsys.readouterr().err) == warned
