@@ -50,7 +50,8 @@ def auc(probabilities, labels, counts):
     per_class = np.stack([binary_auc(probabilities[:, c], labels == c, counts)
                           for c in range(probabilities.shape[1])])  # (C, R)
     present = ~np.isnan(per_class)
-    return 100 * np.where(present, per_class, 0).sum(axis=0) / present.sum(axis=0)
+    with np.errstate(invalid="ignore"):  # nan for a resample that holds one class alone
+        return 100 * np.where(present, per_class, 0).sum(axis=0) / present.sum(axis=0)
 
 
 def recall_at_k(similarity, relevant, counts, ks=(1, 5, 10)):

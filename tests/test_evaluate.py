@@ -483,6 +483,9 @@ def test_an_auc_with_a_class_absent_from_the_test_set_is_n_a(recwarn):
     table = evaluate.markdown_table(report).splitlines()
     assert table[3].split(" | ")[2:5] == ["n/a", evaluate.cell(result, "acc"), "n/a"]
     assert table[4:] == ["n/a: AUC is undefined, no test image of ['pneumonia']"]
+    # every class present, but some resamples of 4 images hold one class alone: still no warning
+    three = np.random.default_rng(0).dirichlet([1, 1, 1], size=4).astype(np.float32)
+    assert evaluate.scores([three], np.array([0, 1, 2, 0]), ["a", "b", "c"])["auc"] is not None
     assert not recwarn.list
 
 
