@@ -16,7 +16,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -137,8 +136,8 @@ def exit_code(main):
         code = main()
     except SystemExit as stop:
         code = stop.code
-    except BaseException as error:  # a bug, or Ctrl-C outside training: shown as Python would
-        traceback.print_exc()
+    except BaseException as error:  # a bug, or Ctrl-C outside training: shown as Python would,
+        sys.excepthook(*sys.exc_info())  # through the hook (image_io's one line, for one)
         code = 130 if isinstance(error, KeyboardInterrupt) else 1
     gc.collect()  # main's objects, DDP included (the exception no longer holds its frames)
     if dist.is_initialized():
