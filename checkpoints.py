@@ -129,18 +129,16 @@ class StopSignals:
 
 
 def exit_code(main):
-    """main()'s exit code (an `error:` line's 1, a traceback's 1), after the process group is
-    released, last: DDP holds the group, and if DDP's destructor freed it, it would wait, holding
-    Python's lock, for gloo's threads, which need that lock to free a collective's tensors."""
+    """main()'s exit code (an `error:` line's too), after the process group is released, last:
+    DDP holds the group, and if DDP's destructor freed it, it would wait, holding Python's lock,
+    for gloo's threads, which need that lock to free a collective's tensors. An exception that is
+    not a SystemExit (a bug) leaves as Python shows it."""
     try:
         code = main()
-    except SystemExit as stop:
+    except SystemExit as stop:  # die(): its line is printed by sys.exit(code)
         code = stop.code
-    except BaseException as error:  # a bug, or Ctrl-C outside training: shown as Python would,
-        sys.excepthook(*sys.exc_info())  # through the hook (image_io's one line, for one)
-        code = 130 if isinstance(error, KeyboardInterrupt) else 1
-    gc.collect()  # main's objects, DDP included (the exception no longer holds its frames)
-    if dist.is_initialized():
+    if dist.is_initialized():  # (a world of one has no group: its objects go at exit, as ever)
+        gc.collect()  # main's objects, DDP included (the exception no longer holds its frames)
         dist.destroy_process_group()
     return code
 
