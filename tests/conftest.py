@@ -28,13 +28,19 @@ def pytest_configure(config):
 TIMEOUT = 150
 
 
-def descendants(pid):
-    """Every process under pid, its children's children too (Linux: read from /proc)."""
-    children = {}  # parent pid -> child pids
+def children_of():
+    """{parent pid: [child pids]} of every running process (Linux: read from /proc)."""
+    children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with suppress(OSError, IndexError):  # a process that ended meanwhile
             parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             children.setdefault(parent, []).append(int(stat.parent.name))
+    return children
+
+
+def descendants(pid):
+    """Every process under pid, its children's children too."""
+    children = children_of()
     found = []
     unvisited = [pid]
     while unvisited:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import cleft
-from conftest import TIMEOUT, communicate, kill_tree, stage1_flags, tiny_config, tiny_model
+from conftest import (TIMEOUT, children_of, communicate, kill_tree, stage1_flags, tiny_config,
+                      tiny_model)
 from test_distributed import TESTS, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,15 +214,12 @@ def test_dropout_masks_change_every_step_and_repeat_after_a_resume(demo_folder, 
 
 
 def rank_process(launcher, rank):
-    """The pid of torchrun's worker process of `rank` (Linux: from /proc)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError):  # a process that ended meanwhile
-            continue
-        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
-            return int(stat.parent.name)
+    """The pid of torchrun's worker process of `rank`: a child of torchrun with RANK=rank set (its
+    loader workers, one level down, inherit RANK too)."""
+    for pid in children_of().get(launcher.pid, []):
+        with suppress(OSError):  # a process that ended meanwhile
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
     raise AssertionError(f"no process of rank {rank} under torchrun")
 
 
