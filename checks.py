@@ -1,12 +1,15 @@
 """
 A user's mistakes, caught before they cost a run and told in one line that names the fix: `die`
 (an `error:` line, exit code 1 on every rank), the CSV reader's checks (a missing file, a folder
-where a file goes or a file where a folder goes, a missing column), a resumed run whose flags
-change the model, and a warm-up that outlasts the run. cleft.py is the method; this file only
-checks what it is given.
+where a file goes or a file where a folder goes, a missing column), the --data sources and their
+folders, a resumed run whose flags change the model, a warm-up that outlasts the run, and the
+stops of a run (a loss that is not finite, an unreadable image under --strict-data). cleft.py is
+the method; this file only checks what it is given.
 """
 
 import csv
+import gzip
+import math
 import os
 import sys
 from dataclasses import fields
@@ -28,6 +31,25 @@ def warn(message):  # one line on stderr, from rank 0 (or a plain python process
 def read_csv(path, columns, flag="--data-root"):
     """Rows of a CSV as dicts, after checking that it is a file with the columns we need; `flag`
     is the option that named it, for the error line."""
+    header, rows = csv_rows(path, columns, flag)
+    rows = [dict(zip(header, row)) for row in rows]
+    if not rows:
+        die(f"{path} has a header and no rows: give {flag} a file with data.")
+    return rows
+
+
+def write_csv(path, rows, columns):  # written whole or not at all: a temporary file, renamed
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def csv_rows(path, columns, flag="--data-root"):
+    """(header, the rows as lists, read as they are consumed) of a CSV, or of a gzipped one
+    (`.csv.gz`), after checking that it is a file with `columns`."""
     path = Path(path)
     if path.is_dir():
         die(f"{path} is a folder: {flag} takes the CSV file itself.")
@@ -36,15 +58,19 @@ def read_csv(path, columns, flag="--data-root"):
             "--data csv.")
     if not path.is_file():
         die(f"{path} does not exist: check {flag}.")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" has a BOM
-        reader = csv.DictReader(f)
-        if missing := [c for c in columns if c not in (reader.fieldnames or [])]:
-            die(f"{path} lacks the column(s) {missing}: give {flag} a file with the expected "
-                "header (see README).")
-        rows = list(reader)
-    if not rows:
-        die(f"{path} has a header and no rows: give {flag} a file with data.")
-    return rows
+    opener = gzip.open if path.suffix == ".gz" else open
+    file = opener(path, "rt", newline="", encoding="utf-8-sig")  # Excel's "CSV UTF-8": a BOM
+    reader = csv.reader(file)
+    header = next(reader, [])
+    if missing := [c for c in columns if c not in header]:
+        file.close()
+        die(f"{path} lacks the column(s) {missing}: give {flag} a file with the expected "
+            "header (see README).")
+
+    def rows():  # the file is closed when they are all read
+        with file:
+            yield from reader
+    return header, rows()
 
 
 # what a checkpoint's trained tensors are, and what they compute: a resumed run keeps them all
@@ -75,3 +101,33 @@ def check_schedule(warmup_steps, max_steps):
         warn(f"--warmup-steps {warmup_steps} is at or above --max-steps {max_steps}: the learning "
              "rate climbs for the whole run (to --lr at the last step at most, with no decay); "
              "lower --warmup-steps.")
+
+
+def check_sources(data, data_root, known):
+    """[(source, its root)] of --data a,b and --data-root A,B, after checking them."""
+    names = data.split(",")
+    roots = data_root.split(",")
+    if not data_root:
+        die("no data: pass --data-root, the data set's folder (see README) or with --data csv a "
+            "CSV of image,text pairs; `python demo.py` runs the offline demo.")
+    if unknown := [name for name in names if name not in known]:
+        die(f"unknown --data {unknown}: choose among {', '.join(known)} (several: a,b).")
+    if len(roots) != len(names):
+        die(f"--data names {len(names)} source(s) and --data-root {len(roots)} folder(s): give "
+            "one folder per source, comma-separated, in the same order.")
+    return list(zip(names, roots))
+
+
+def check_finite(loss, name, step, out_dir, progress):  # every rank calls it with the same loss
+    if not math.isfinite(loss):  # stop before anything is saved: OUT/last/ stays good
+        progress.close()
+        die(f"the {name} became {loss} by step {step}: {out_dir}/last holds the last good "
+            "weights; lower --lr or raise --warmup-steps.")
+
+
+def stop_if_unreadable(skipped, step, progress):  # --strict-data: this rank's batch stops the run
+    if any(skipped):
+        first = next(text for text in skipped if text).splitlines()[0]
+        progress.close()
+        die(f"unreadable image {first} at step {step} (--strict-data): "
+            "fix or remove it, or drop --strict-data to skip such images.", this_rank_only=True)

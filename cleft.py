@@ -43,8 +43,10 @@ from transformers.utils import logging as hf_logging
 from grad_cache import gradient_cache_step
 from checkpoints import (StopSignals, append_metrics, exit_code, on_every_rank, save_on_rank_0,
                          saved_folder, start_metrics, trained_weights)
-from checks import check_resume, check_schedule, die, read_csv
-from image_io import UNREADABLE, XrayDataset, make_loader, report_unreadable
+from checks import (check_finite, check_resume, check_schedule, check_sources, die,
+                    read_csv, stop_if_unreadable)
+from image_io import SQUARES, UNREADABLE, XrayDataset, make_loader, report_unreadable
+from report_data import CAPTIONS, caption_lengths, chexpert_plus, mimic_cxr, openi
 
 # peft 0.21 uses two arguments that transformers deprecates: hidden, as they are not ours to change
 warnings.filterwarnings("ignore", "`(is_gradient_checkpointing|past_key_values)` is deprecated")
@@ -58,9 +60,12 @@ def arg(default, help, choices=None):
 @dataclass
 class Config:
     # data
-    data: str = arg("chexpert", "dataset", ["chexpert", "csv"])
-    data_root: str = arg("", "the CheXpert folder (with train.csv), or the pairs CSV (--data csv)")
+    data: str = arg("chexpert", "chexpert, csv, mimic-cxr, chexpert-plus, openi; or several: a,b")
+    data_root: str = arg("", "the data set's folder (csv: the CSV); several: one per source, a,b")
+    reports_root: str = arg("", "mimic-cxr: the reports' folder (files/pXX/...), if not the root")
+    caption: str = arg("findings-impression", "what of a report a step trains on", CAPTIONS)
     image_size: int = arg(224, "square input side in pixels (paper: 224)")
+    square: str = arg("pad", "pad (black borders) or crop (the centre) to a square", SQUARES)
     augment: str = arg("cleft", "cleft: zoom, rotate, shift; clip: none", ["cleft", "clip"])
     hflip: bool = arg(False, "random horizontal flips (off: laterality matters in chest X-rays)")
     max_length: int = arg(64, "caption tokens kept, EOS included (public code: 64)")
@@ -68,6 +73,7 @@ class Config:
     image_cache: str = arg("", "folder for a small decoded copy of each image (same results)")
     strict_data: bool = arg(False, "stop at the first unreadable image instead of skipping it")
     val_fraction: float = arg(0.05, "share of patients (csv: images) held out, 2 at least")
+    val_size: int = arg(0, "validate on a fixed sample of N held-out pairs (0: all of them)")
     # model
     preset: str = arg("", "a named set of defaults (explicit flags win)", ["", "medclip-vit-l"])
     text_model: str = arg("stanford-crfm/BioMedLM", "hub id or local save_pretrained folder")
@@ -104,11 +110,13 @@ class Config:
             die("--freeze-lm and --full-ft-lm contradict each other: pass one of them.")
         self.peft = "none" if self.freeze_lm or self.full_ft_lm else self.peft
 
-# --preset NAME sets these defaults. Med-CLIP-ViT-L: ViT-L/14 and BERT-base ([CLS]), both trained
+# --preset NAME sets these defaults. Med-CLIP-ViT-L: ViT-L/14 and a domain BERT-base ([CLS]), both
+# trained on MIMIC-CXR and Open-I reports, centre crops, 50,000 validation pairs
 PRESETS = {"medclip-vit-l": dict(
-    text_model="bert-base-uncased", vision_model="facebook/dinov2-large", peft="none",
-    full_ft_lm=True, max_length=77, lr=5e-5, weight_decay=0.1, warmup_steps=2000,
-    batch_size=4096, augment="clip", hflip=True)}
+    text_model="microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext",
+    vision_model="facebook/dinov2-large", peft="none", full_ft_lm=True, max_length=77, lr=5e-5,
+    weight_decay=0.1, warmup_steps=2000, batch_size=4096, augment="clip", hflip=True,
+    data="mimic-cxr,openi", square="crop", val_size=50_000)}
 
 def parse_config(argv=None, config_class=Config, description=__doc__):
     """Fill `config_class` from the command line: flags win over a preset's defaults."""
@@ -226,31 +234,37 @@ def split_by_patient(rows, fraction, key=lambda row: patient_id(row["Path"])):
     val = set(patients[:max(2, round(fraction * len(patients)))])  # 2: a pair alone scores 0
     return [r for r in rows if key(r) not in val], [r for r in rows if key(r) in val]
 
+def image_under(root, path):  # 'CheXpert-v1.0-small/train/...' -> ROOT/train/...
+    return str(Path(root).joinpath(*Path(path).parts[1:]))
+
+def five_by_200_rows(root):
+    """The rows of ROOT/chexpert_5x200.csv that keep the 5x200 rule (any view); none without it."""
+    if not (Path(root) / "chexpert_5x200.csv").exists():
+        return []
+    rows = read_csv(Path(root) / "chexpert_5x200.csv", CHEXPERT_COLUMNS)
+    test = [r for r in rows if five_class_index(r) is not None]
+    for row in test:
+        row["image"] = image_under(root, row["Path"])
+    return test
+
 def chexpert_rows(root, val_fraction=0.05):
     """Rows of a CheXpert folder, {'train', 'val' (frontal views), 'test' (chexpert_5x200.csv's
     5x200 rows, any view)}."""
-    root = Path(root)
-    rows = [r for r in read_csv(root / "train.csv", CHEXPERT_COLUMNS)
+    rows = [r for r in read_csv(Path(root) / "train.csv", CHEXPERT_COLUMNS)
             if r["Frontal/Lateral"] == "Frontal"]
-    test = []
-    if (root / "chexpert_5x200.csv").exists():
-        test = [r for r in read_csv(root / "chexpert_5x200.csv", CHEXPERT_COLUMNS)
-                if five_class_index(r) is not None]
+    test = five_by_200_rows(root)
     test_patients = {patient_id(r["Path"]) for r in test}  # by patient, not only by image
     rows = [r for r in rows if patient_id(r["Path"]) not in test_patients]
     train, val = split_by_patient(rows, val_fraction)
-    for row in train + val + test:  # without the first component, 'CheXpert-v1.0-small/'
-        row["image"] = str(root.joinpath(*Path(row["Path"]).parts[1:]))
+    for row in train + val:
+        row["image"] = image_under(root, row["Path"])
     return {"train": train, "val": val, "test": test}
 
-def load_splits(cfg):
-    """{'train': [(path, caption)], 'val': [(path, caption)], 'test': [(path, class index)]}."""
-    if not cfg.data_root:
-        die("no data: pass --data-root, the CheXpert folder (with train.csv) or with --data csv "
-            "a CSV of image,text pairs; `python demo.py` runs the offline demo.")
-    if cfg.data == "csv":
-        rows = read_csv(cfg.data_root, ["image", "text"])
-        folder = Path(cfg.data_root).parent  # image paths are relative to the CSV
+def load_source(name, root, cfg):
+    """The splits of one --data source, by its own rules (load_splits)."""
+    if name == "csv":
+        rows = read_csv(root, ["image", "text"])
+        folder = Path(root).parent  # image paths are relative to the CSV
         if "split" not in rows[0]:  # a split column (train/val; other rows unused) is kept as is
             _, held_out = split_by_patient(rows, cfg.val_fraction, key=lambda r: r["image"])
             for row in held_out:
@@ -258,10 +272,35 @@ def load_splits(cfg):
         pairs = lambda name: [(str(folder / r["image"]), r["text"]) for r in rows
                               if r.get("split", "train") == name]
         return {"train": pairs("train"), "val": pairs("val"), "test": []}
-    splits = chexpert_rows(cfg.data_root, cfg.val_fraction)
+    if name == "mimic-cxr":  # its official split; the test split stays for evaluate.py
+        return mimic_cxr(root, cfg.caption, cfg.reports_root)
+    if name == "openi":  # held out by uid: one patient's study
+        return openi(root, cfg.caption, lambda uids: split_by_patient(uids, cfg.val_fraction, str))
+    if name == "chexpert-plus":  # its official split; CheXpert-5x200's patients stay out
+        test = five_by_200_rows(root)
+        splits = chexpert_plus(root, cfg.caption, {patient_id(r["Path"]) for r in test})
+        return {**splits, "test": [(r["image"], five_class_index(r)) for r in test]}
+    splits = chexpert_rows(root, cfg.val_fraction)
     return {"train": [(r["image"], caption_from_labels(r)) for r in splits["train"]],
             "val": [(r["image"], caption_from_labels(r)) for r in splits["val"]],
             "test": [(r["image"], five_class_index(r)) for r in splits["test"]]}
+
+SOURCES = ["chexpert", "csv", "mimic-cxr", "chexpert-plus", "openi"]
+
+def load_splits(cfg):
+    """{'train': [(path, caption, or a tuple of captions each step draws one of)], 'val': [(path,
+    caption)], 'test': [(path, class index)]}: each --data source by its own rules, joined."""
+    sources = check_sources(cfg.data, cfg.data_root, SOURCES)  # [(name, root)]
+    parts = [load_source(name, root, cfg) for name, root in sources]
+    splits = {key: [r for part in parts for r in part[key]] for key in ("train", "val", "test")}
+    held_out = len(splits["val"])
+    if cfg.val_size and held_out > cfg.val_size:  # a fixed sample, the same for every --seed
+        keep = sorted(random.Random(0).sample(range(held_out), cfg.val_size))
+        splits["val"] = [splits["val"][i] for i in keep]
+    elif cfg.val_size:
+        print0(f"validation: all {held_out} held-out pairs, fewer than --val-size "
+               f"{cfg.val_size} (a higher --val-fraction holds out more; official splits stay)")
+    return splits
 
 class TrainBatches(Sampler):
     """Endless batches of (index, augmentation seed) for one rank: global batch `step` is a slice
@@ -303,7 +342,8 @@ def make_loaders(splits, cfg, device, world_size, start_step=0):
             "pair is always 0): lower --batch-size, give more data, or check --data-root.")
 
     def loader(name, batches, **view):
-        dataset = XrayDataset(splits[name], cfg.image_size, name, cache=cfg.image_cache, **view)
+        dataset = XrayDataset(splits[name], cfg.image_size, name, cache=cfg.image_cache,
+                              square=cfg.square, **view)
         return make_loader(dataset, batches, cfg.num_workers, device, persistent=name == "train")
     batches = TrainBatches(len(splits["train"]), cfg.batch_size, cfg.seed, start_step)
     return (iter(loader("train", batches, hflip=cfg.hflip, affine=cfg.augment == "cleft")),
@@ -593,19 +633,6 @@ def embed(model, loader, n, autocast, progress=False, encode=None):
     return torch.cat(features)[:n], torch.cat(targets)[:n]
 
 # --- Main
-def check_finite(loss, name, step, out_dir, progress):  # every rank calls it with the same loss
-    if not math.isfinite(loss):  # stop before anything is saved: OUT/last/ stays good
-        progress.close()
-        die(f"the {name} became {loss} by step {step}: {out_dir}/last holds the last good "
-            "weights; lower --lr or raise --warmup-steps.")
-
-def stop_if_unreadable(skipped, step, progress):  # --strict-data: this rank's batch stops the run
-    if any(skipped):
-        first = next(text for text in skipped if text).splitlines()[0]
-        progress.close()
-        die(f"unreadable image {first} at step {step} (--strict-data): "
-            "fix or remove it, or drop --strict-data to skip such images.", this_rank_only=True)
-
 def model_and_optimizer(cfg, state, device, dtype):
     """The model (OUT/last/'s trained weights when resuming) in training mode, and its AdamW."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -635,7 +662,6 @@ def main(argv=None):
            f"{json.dumps(changed_fields(cfg))}\nworld size {world_size} on {device}, {dtype}")
     check_schedule(cfg.warmup_steps, cfg.max_steps)  # a warning if the warm-up never ends
     splits = load_splits(cfg)
-    print0("data: " + ", ".join(f"{len(records)} {name}" for name, records in splits.items()))
     out_dir = Path(cfg.out_dir)
     state = resume_state(cfg)  # None for a fresh run
     start_step = state["step"] if state else 0
@@ -643,6 +669,7 @@ def main(argv=None):
     train_loader, val_loader, test_loader = make_loaders(splits, cfg, device, world_size,
                                                          start_step)
     model, optimizer = model_and_optimizer(cfg, state, device, dtype)
+    print0(caption_lengths(splits, model.text_tower.tokenizer, cfg.max_length))
     device_ids = None if device.type == "cpu" else [device.index]  # DDP trains, the model is saved
     ddp_model = DistributedDataParallel(model, device_ids) if world_size > 1 else model
     metrics = out_dir / "metrics.jsonl"

@@ -32,6 +32,10 @@ ARCHITECTURES = {  # hub id -> (model type, config) of the paper's and the prese
                                              patch_size=14)),
     "bert-base-uncased": ("bert", dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
                                        num_attention_heads=12)),
+    # the preset's domain BERT (PubMedBERT): BERT-base with a biomedical vocabulary of the same size
+    "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext": ("bert", dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        pad_token_id=0)),
     "openai/clip-vit-base-patch16": ("clip", dict(projection_dim=512, text_config=dict(
         hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
         max_position_embeddings=77, vocab_size=49408), vision_config=dict(

@@ -11,7 +11,6 @@ writes results.json.
 """
 
 import copy
-import csv
 import json
 import os
 import random
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import load_prompt
+from checks import write_csv
 from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches, arg,
                    autocast_for, caption_from_labels, chexpert_rows, die, embed,
                    eval_batches, five_class_index, get_lr, load_config, load_model, make_loader,
@@ -33,9 +33,11 @@ from image_io import XrayDataset
 from metrics import accuracy, auc, recall_at_k, resample_counts, summary
 from predict import class_features, zero_shot_probabilities
 from prompt_tune import labelled_splits
+from report_data import retrieval_pairs
 
 # --- Config
-DATASETS = ["chexpert", "chexpert5x200", "rsna", "embed-birads", "embed-density", "csv"]
+DATASETS = ["chexpert", "chexpert5x200", "rsna", "embed-birads", "embed-density", "csv",
+            "mimic-cxr", "openi"]
 TASKS = ["zeroshot", "linear", "finetune", "retrieval"]
 
 @dataclass
@@ -44,6 +46,7 @@ class EvalConfig:
     prompt: str = arg("", "stage-2 context file for zero-shot (default: the hand-written prompt)")
     data: str = arg("chexpert", "dataset (chexpert and chexpert5x200 are the same)", DATASETS)
     data_root: str = arg("", "the dataset's folder, or the CSV file for --data csv")
+    reports_root: str = arg("", "mimic-cxr: the reports' folder (files/pXX/...), if not the root")
     task: str = arg("all", "what to evaluate", TASKS + ["all"])
     data_pct: float = arg(1.0, "fraction of the training split for linear/finetune (1, 0.1, 0.01)")
     build_5x200: bool = arg(False, "build chexpert_5x200.csv from train.csv if missing (seed 0)")
@@ -109,14 +112,6 @@ def chexpert5x200_data(cfg):
     pairs = [(r["image"], caption_from_labels(r)) for r in val]
     texts = [name.lower() for name in FIVE_CLASSES]
     return EvalData(FIVE_CLASSES, [CAPTION_PREFIX + t for t in texts], texts, splits, pairs)
-
-def write_csv(path, rows, columns):
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 def sklearn_split(items, test_size):
     """(train, test) as scikit-learn's train_test_split(items, test_size, random_state=0)."""
@@ -273,6 +268,9 @@ def csv_data(cfg):
 def load_data(cfg):
     if not cfg.data_root:
         die(f"--data {cfg.data} needs --data-root (see the README for each dataset's layout).")
+    if cfg.data in ("mimic-cxr", "openi"):  # report pairs alone, for retrieval: no classes
+        pairs = retrieval_pairs(cfg.data, cfg.data_root, cfg.reports_root)
+        return EvalData([], [], [], {"train": [], "val": [], "test": []}, pairs)
     loader = {"chexpert": chexpert5x200_data, "chexpert5x200": chexpert5x200_data,
               "rsna": rsna_data, "embed-birads": embed_data, "embed-density": embed_data,
               "csv": csv_data}[cfg.data]
@@ -284,11 +282,13 @@ def subset(records, fraction, seed):
     return [records[i] for i in sorted(keep[:max(1, round(fraction * len(records)))])]
 
 # --- Tasks
+def dataset_of(records, ckpt):  # images as stage 1 saw them: size, square, image cache
+    return XrayDataset.as_trained(records, load_config(ckpt))
+
 def features_of(model, records, cfg, device, autocast, encode=None):
     """(features, labels) of (path, class) records, evaluation view, computed once."""
-    stage1 = load_config(cfg.ckpt)  # its input size, and its --image-cache
-    dataset = XrayDataset(records, stage1.image_size, cache=stage1.image_cache)
-    loader = make_loader(dataset, eval_batches(len(records), 64), cfg.num_workers, device)
+    batches = eval_batches(len(records), 64)
+    loader = make_loader(dataset_of(records, cfg.ckpt), batches, cfg.num_workers, device)
     features, labels = embed(model, loader, len(records), autocast, True, encode)
     return features, labels.cpu().numpy()
 
@@ -303,8 +303,7 @@ def scores(runs, labels, classes):
 
 @torch.no_grad()
 def zero_shot(model, data, cfg, device, autocast):
-    """argmax over the classes of scale * cos(image, class prompt); the learned context with
-    --prompt."""
+    """argmax over classes of scale * cos(image, prompt); with --prompt, the learned context."""
     context = None
     if cfg.prompt:  # the learned context; the classes are the data set's
         context, _ = load_prompt(cfg.prompt)
@@ -367,13 +366,11 @@ def fine_tune(model, data, cfg, device, autocast, train):
         features = tower(images).float()
         with torch.autocast(device.type, enabled=False):
             return head(features)
-    stage1, batch = load_config(cfg.ckpt), min(cfg.batch_size, len(train))
-    train_set = XrayDataset(train, stage1.image_size, cache=stage1.image_cache)
-    val_set = XrayDataset(data.splits["val"], stage1.image_size, cache=stage1.image_cache)
-    batches = TrainBatches(len(train), batch, cfg.seed)
+    train_set = dataset_of(train, cfg.ckpt)
+    val_set = dataset_of(data.splits["val"], cfg.ckpt)
+    batches = TrainBatches(len(train), min(cfg.batch_size, len(train)), cfg.seed)
     loader = iter(make_loader(train_set, batches, cfg.num_workers, device, persistent=True))
-    val_loader = make_loader(val_set, eval_batches(len(val_set), 64), cfg.num_workers,
-                             device)
+    val_loader = make_loader(val_set, eval_batches(len(val_set), 64), cfg.num_workers, device)
 
     def batch_loss(step):
         images, labels, _ = next(loader)
@@ -466,11 +463,14 @@ def main(argv=None):
            f"classes {data.classes}")
     for name, records in [("train", train), ("val", data.splits["val"]),
                           ("test", data.splits["test"])]:
-        if not records:
+        if not records and data.classes:
             die(f"the {name} split of {cfg.data} is empty: check --data-root.")
+    if not data.classes and cfg.task not in ("all", "retrieval"):
+        die(f"--data {cfg.data} has reports and no labels: only --task retrieval applies to it.")
     model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
     results = {}
-    for task in TASKS if cfg.task == "all" else [cfg.task]:
+    tasks = TASKS if cfg.task == "all" else [cfg.task]
+    for task in tasks if data.classes else ["retrieval"]:  # report pairs: retrieval alone
         print0(f"{task} ...")
         if task in ("linear", "finetune"):
             run = linear_probe if task == "linear" else fine_tune

@@ -205,12 +205,18 @@ def jitter(pixels, rng, hflip=False):  # contrast and brightness by +-20%, an op
     return np.clip(pixels, 0, 1)
 
 
-def load_image(path, size, rng=None, hflip=False, affine=True, cache=""):
+SQUARES = ["pad", "crop"]  # how an image becomes square: black borders, or its centre
+
+
+def load_image(path, size, rng=None, hflip=False, affine=True, cache="", square="pad"):
     """A (1, size, size) tensor in [0, 1]. rng=None: the evaluation view; else the training view,
-    jittered, with zoom, rotation and shift when `affine` (--augment cleft)."""
+    jittered, with zoom, rotation and shift when `affine` (--augment cleft). square: 'pad' keeps
+    the whole image within black borders, 'crop' keeps the centre square."""
     image = read_xray(path, size, cache)  # 8-bit grayscale, decoded at reduced size
-    square = Image.new("L", (max(image.size),) * 2)  # black borders: the whole chest in view
-    square.paste(image, ((square.width - image.width) // 2, (square.height - image.height) // 2))
+    side = (max if square == "pad" else min)(image.size)
+    left = -((side - image.width) // 2)  # the image centred in the square (or the square in it)
+    top = -((side - image.height) // 2)
+    square = image.crop((left, top, left + side, top + side))  # PIL fills outside it with black
     image = scaled_view(square, size, rng if affine else None)
     pixels = np.asarray(image, np.float32) / 255
     if rng is not None:
@@ -241,11 +247,17 @@ class XrayDataset(Dataset):
     (error)' lines of the unreadable images it stands in for: the caller reports them, once).
     `split` names the records in the error raised when none of them can be read."""
 
-    def __init__(self, records, image_size, split="given", hflip=False, affine=True, cache=""):
+    def __init__(self, records, image_size, split="given", hflip=False, affine=True, cache="",
+                 square="pad"):
         self.records, self.image_size, self.hflip, self.affine = records, image_size, hflip, affine
         self.split = split
+        self.square = square
         require_pydicom(records)
         self.cache = usable_cache(cache)  # '' if that folder cannot be written
+
+    @classmethod
+    def as_trained(cls, records, run):  # the evaluation view of a cleft.py run's Config
+        return cls(records, run.image_size, cache=run.image_cache, square=run.square)
 
     def __len__(self):
         return len(self.records)
@@ -258,12 +270,23 @@ class XrayDataset(Dataset):
         for offset in range(len(self)):  # unreadable: the next stands in, batches stay full
             path, target = self.records[(index + offset) % len(self)]
             try:
-                image = load_image(path, self.image_size, rng, self.hflip, self.affine, self.cache)
-                return image, target, "\n".join(unreadable)
+                image = load_image(path, self.image_size, rng, self.hflip, self.affine, self.cache,
+                                   self.square)
+                return image, drawn(target, aug_seed), "\n".join(unreadable)
             except (OSError, ValueError) as error:  # missing, truncated or corrupt
                 unreadable.append(f"{path} ({error})")
         raise NoReadableImage(f"none of the {len(self)} {self.split} images can be read, e.g. "
                               f"{unreadable[0]}: check the paths (a data set's: --data-root).")
+
+
+def drawn(target, aug_seed):
+    """A target, or for a tuple of captions (a report's sentences or sections) the one drawn for
+    this (seed, epoch, image): the same on any rank and in a resumed run; without a seed, all."""
+    if not isinstance(target, tuple):
+        return target
+    if aug_seed is None:
+        return " ".join(target)
+    return target[np.random.default_rng((*aug_seed, 1)).integers(len(target))]  # not the view's
 
 
 def overlay_map(view, patch_map):

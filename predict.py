@@ -100,9 +100,8 @@ def main(argv=None):
     paths = image_paths(cfg.images)
     if not paths:
         die(f"no images in {cfg.images}: pass .jpg, .png or .dcm files, folders, or CSVs.")
-    stage1 = load_config(cfg.ckpt)  # its input size and its --image-cache
-    dataset = XrayDataset([(p, i) for i, p in enumerate(paths)], stage1.image_size,
-                          cache=stage1.image_cache)
+    stage1 = load_config(cfg.ckpt)  # its input size, square and --image-cache
+    dataset = XrayDataset.as_trained([(p, i) for i, p in enumerate(paths)], stage1)
     loader = make_loader(dataset, eval_batches(len(paths), 32), -1, device)
     rows_by_index = {}  # image index -> image, prediction, the probability of each class
     unreadable = []  # 'path (error)' of the files that cannot be read

@@ -159,11 +159,11 @@ def main(argv=None):
 
     # both encoders frozen: every rank embeds its share of the images once, then all hold all
     model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
-    stage1 = load_config(cfg.ckpt)  # its input size and its --image-cache
+    stage1 = load_config(cfg.ckpt)  # its input size, square and --image-cache
     features = {}  # split -> (image features (n, D), labels (n,))
     for name, records in splits.items():
         if records:
-            dataset = XrayDataset(records, stage1.image_size, cache=stage1.image_cache)
+            dataset = XrayDataset.as_trained(records, stage1)
             batches = eval_batches(len(records), FEATURE_BATCH * world_size)
             loader = make_loader(dataset, batches, cfg.num_workers, device)
             features[name] = embed(model, loader, len(records), autocast, progress=True)

@@ -8,7 +8,11 @@ Benchmark CLEFT on this machine (CPU, or CUDA when present) and print one table 
      against the public code's text handling (every caption padded to 64 tokens, duplicates encoded
      again);
   3. stage-2 step with cached image features against recomputing them;
-  4. evaluation: zero-shot images/s on 1,000 images, and the time of the bootstrap intervals.
+  4. evaluation: zero-shot images/s on 1,000 images, and the time of the bootstrap intervals;
+  5. the paper's shapes on a GPU (random weights);
+  6. reports: reading a full-size synthetic MIMIC-CXR (227,835 report files at the release's
+     folder depth, its two tables) into the splits, seconds and resident memory, in a fresh
+     process; and training steps on report captions against a pairs CSV of the same images.
 Run as a script (pytest does not collect it):  python tests/benchmark.py [--steps 5]
 """
 
@@ -547,6 +551,113 @@ def stage2_and_eval(folder, steps):
           rows)
 
 
+# ---------------------------------------------------------------------------- 6. reports
+
+
+def write_full_mimic(root, studies=227_835, subjects=65_379, seed=0):
+    """MIMIC-CXR's size: `studies` report files of realistic length under files/pXX/pSUBJECT/,
+    and split and metadata tables (.csv.gz) with 1 to 3 images per study, about 1.65 on average
+    (377,110 in the release), some lateral, some in validate and test. Images are not written:
+    reading the splits never opens them."""
+    import random
+
+    import report_layouts as layouts
+
+    rng = random.Random(seed)
+    images = []
+    for i in range(studies):
+        subject = str(10_000_000 + (i * subjects) // studies * (9_999_999 // subjects))
+        study = str(50_000_000 + i)
+        split = "test" if i % 70 == 0 else "validate" if i % 100 == 1 else "train"
+        views = rng.choice([["PA"], ["PA", "LATERAL"], ["AP"], ["PA", "LATERAL", "LATERAL"]])
+        images += [(f"{study}-{k}", study, subject, split, view) for k, view in enumerate(views)]
+        file = layouts.report_file(root, subject, study)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(layouts.mimic_report(rng, findings_sentences=rng.randint(2, 8)))
+    layouts.write_mimic_tables(root, images)
+    return len(images)
+
+
+def read_in_fresh_process(root):
+    """(seconds, peak resident MB) of cleft.load_splits on a MIMIC-CXR folder, in a new process."""
+    import subprocess
+
+    project = str(Path(cleft.__file__).parent)
+    code = (f"import resource, sys, time; sys.path.insert(0, {project!r})\n"
+            "import cleft\nstart = time.perf_counter()\n"
+            f"splits = cleft.load_splits(cleft.parse_config(['--data', 'mimic-cxr', "
+            f"'--data-root', {str(root)!r}]))\n"
+            "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)"
+            ".ru_maxrss / 1024, len(splits['train']), len(splits['val']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    lines = result.stdout.strip().splitlines()
+    seconds, megabytes, train, val = lines[-1].split()
+    return float(seconds), float(megabytes), int(train), int(val), lines[0]
+
+
+def baseline_rss():  # peak resident MB of a process that imports cleft.py and reads nothing
+    import subprocess
+
+    code = (f"import resource, sys; sys.path.insert(0, {str(Path(cleft.__file__).parent)!r})\n"
+            "import cleft\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout)
+
+
+def report_steps(folder, steps):
+    """images/s of stage-1 steps (tiny models, CPU) on the small MIMIC-CXR layout with drawn
+    sentences, and on a pairs CSV of the same images and whole texts."""
+    import csv
+    import json
+
+    import report_layouts as layouts
+
+    demo.save_tiny_models(folder)
+    root = folder / "mimic-small"
+    layouts.write_mimic(root, extra_studies=60)
+    splits = cleft.load_splits(cleft.parse_config(["--data", "mimic-cxr", "--data-root",
+                                                   str(root)]))
+    with open(folder / "pairs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "text", "split"])
+        for split in ("train", "val"):
+            writer.writerows((path, text, split) for path, text in splits[split])
+    rates = {}
+    for label, flags in [("--data csv (whole texts)", ["--data", "csv", "--data-root",
+                                                        str(folder / "pairs.csv")]),
+                         ("--data mimic-cxr --caption sentence", [
+                             "--data", "mimic-cxr", "--data-root", str(root), "--caption",
+                             "sentence"])]:
+        out = folder / f"run{len(rates)}"
+        cleft.main([*demo.stage1_args(folder, out), *flags, "--batch-size", "16",
+                    "--max-steps", str(steps + 5), "--eval-every", "1000", "--log-every", "5",
+                    "--num-workers", "1"])
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rates[label] = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # warm
+    return {label: float(np.median(values)) for label, values in rates.items()}
+
+
+def reports_part(folder, steps):
+    root = folder / "mimic-full"
+    start = time.perf_counter()
+    n_images = write_full_mimic(root)
+    written = time.perf_counter() - start
+    runs = [read_in_fresh_process(root) for _ in range(3)]
+    seconds = float(np.median([run[0] for run in runs]))
+    megabytes = float(np.median([run[1] for run in runs]))
+    _, _, train, val, line = runs[0]
+    print(f"\n(written in {written:.0f} s; the reader's line: {line})")
+    table("6a. Reading MIMIC-CXR's reports and tables into the splits (fresh process, warm page "
+          "cache, median of 3)", ["report files", "image rows", "train / val images", "seconds",
+                                  "peak RSS MB", "of which the imports"],
+          [[f"{227_835:,}", f"{n_images:,}", f"{train:,} / {val:,}", f"{seconds:.1f}",
+            f"{megabytes:.0f}", f"{baseline_rss():.0f}"]])
+    rates = report_steps(folder, steps)
+    table("6b. Stage-1 steps on report captions (tiny models, batch 16, median images/s)",
+          ["data", "images/s"], [[label, f"{rate:.0f}"] for label, rate in rates.items()])
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -561,7 +672,7 @@ def main():
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="loader processes in part 1b"
     )
-    parser.add_argument("--parts", default="12345", help="which parts to run (5: GPU only)")
+    parser.add_argument("--parts", default="123456", help="which parts to run (5: GPU only)")
     parser.add_argument("--shapes", default="paper", choices=["paper", "tiny", "mid"],
                         help="part 5's model shapes ('tiny' checks the code on a CPU)")
     args = parser.parse_args()
@@ -585,6 +696,8 @@ def main():
             stage2_and_eval(Path(folder), args.steps)
         if "5" in args.parts and (DEVICE.type == "cuda" or args.shapes != "paper"):
             paper_shapes(args.steps, args.shapes)
+        if "6" in args.parts:
+            reports_part(Path(folder), max(args.steps, 20))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,11 @@ def test_preset_defaults_yield_to_flags():
         cfg.weight_decay,
         cfg.warmup_steps,
         cfg.max_length,
-    ) == ("bert-base-uncased", "facebook/dinov2-large", 4096, 0.1, 2000, 77)
+    ) == ("microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext",
+          "facebook/dinov2-large", 4096, 0.1, 2000, 77)
+    # trained on MIMIC-CXR and Open-I reports, centre crops, 50,000 validation pairs
+    assert (cfg.data, cfg.square, cfg.val_size) == ("chexpert", "crop", 50_000)
+    assert cleft.parse_config(["--preset", "medclip-vit-l"]).data == "mimic-cxr,openi"
     assert (cfg.lr, cfg.peft, cfg.full_ft_lm, cfg.augment, cfg.hflip) == (
         1e-4,
         "none",
@@ -118,7 +122,8 @@ def test_encoder_text_tower_reads_cls(demo_folder):
 
 def test_preset_trains_on_the_demo(demo_folder, tmp_path):
     bert = demo_folder / "tiny-bert"
-    cleft.main(stage1_flags(demo_folder, "--preset", "medclip-vit-l", "--text-model", bert,
+    cleft.main(stage1_flags(demo_folder, "--preset", "medclip-vit-l", "--data", "chexpert",
+                            "--text-model", bert,
                             "--out-dir", tmp_path, "--max-steps", 2, "--eval-every", 2,
                             "--batch-size", 8, "--num-workers", 0))
     config = cleft.load_config(tmp_path / "last")

@@ -298,5 +298,5 @@ def test_python_cleft_py_loads_once_and_without_data_names_the_demo():
     assert "image_io" in imported and "cleft" not in imported
     messages = [line for line in result.stderr.splitlines() if line not in imports]
     assert result.returncode == 1 and messages == [
-        "error: no data: pass --data-root, the CheXpert folder (with train.csv) or with --data csv "
-        "a CSV of image,text pairs; `python demo.py` runs the offline demo."]
+        "error: no data: pass --data-root, the data set's folder (see README) or with --data csv a "
+        "CSV of image,text pairs; `python demo.py` runs the offline demo."]
