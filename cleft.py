@@ -8,6 +8,8 @@ CheXpert on one GPU, then on two (several nodes: add --nnodes, --node_rank, --rd
     torchrun --nproc_per_node=2 cleft.py --data chexpert --data-root /data/chexpert
 Your own image/report pairs (a CSV with `image` and `text` columns, paths relative to it):
     torchrun --nproc_per_node=8 cleft.py --data csv --data-root /data/pairs.csv
+Radiology reports (MIMIC-CXR-JPG, CheXpert Plus, Open-I, read by report_data.py), e.g.:
+    python cleft.py --data mimic-cxr --data-root /data/mimic-cxr-jpg --max-length 256
 """
 
 import argparse
@@ -193,7 +195,7 @@ class GatherWithGrad(torch.autograd.Function):
 def all_gather_rows(x):  # x from every rank in rank order (all ranks call this)
     return GatherWithGrad.apply(x) if world()[1] > 1 else x
 
-# --- Data: CheXpert captions and the 5x200 rule, CSV pairs, patient split, samplers
+# --- Data: CheXpert captions and the 5x200 rule, CSV pairs, patient split, the sources, samplers
 # label columns of CheXpert's train.csv, in the header's order
 FINDINGS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
             "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
@@ -242,10 +244,8 @@ def five_by_200_rows(root):
     if not (Path(root) / "chexpert_5x200.csv").exists():
         return []
     rows = read_csv(Path(root) / "chexpert_5x200.csv", CHEXPERT_COLUMNS)
-    test = [r for r in rows if five_class_index(r) is not None]
-    for row in test:
-        row["image"] = image_under(root, row["Path"])
-    return test
+    return [{**r, "image": image_under(root, r["Path"])} for r in rows
+            if five_class_index(r) is not None]
 
 def chexpert_rows(root, val_fraction=0.05):
     """Rows of a CheXpert folder, {'train', 'val' (frontal views), 'test' (chexpert_5x200.csv's

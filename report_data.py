@@ -27,7 +27,6 @@ def say(line):  # one line on stdout, from rank 0 (or a plain python process)
 
 # --- A report's text: sections, clean-up, sentences, the caption of each --caption mode
 HEADER = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*):", re.MULTILINE)  # capitals, a colon: a header
-SEPARATOR = re.compile(r"^[ \t]*[_=-]{4,}[ \t]*$", re.MULTILINE)  # between an addendum and report
 NAMES_THE_VIEW = re.compile(r"chest|portable|view|pa and lat|ap and lat")  # 'CHEST, PA AND LAT:'
 
 
@@ -45,7 +44,6 @@ def section_name(header):
 def report_sections(text):
     """(findings, impression) of a free-text report, cleaned: the last non-empty section of each
     name; with neither, the last paragraph stands as the findings ('' where there is none)."""
-    text = SEPARATOR.sub("", text)
     headers = list(HEADER.finditer(text))
     bodies = {}  # name -> the last non-empty body under that name
     for header, following in zip(headers, headers[1:] + [None]):
@@ -60,8 +58,9 @@ def report_sections(text):
 
 
 def clean(text):
-    """One line of prose: de-identification marks (MIMIC's ___, Open-I's XXXX), numbered points
-    ('1. ', '2) ') and line wraps removed; text all in capitals put in sentence case."""
+    """One line of prose: de-identification marks (MIMIC's ___, Open-I's XXXX) and the line of
+    underscores after an addendum, numbered points ('1. ', '2) ') and line wraps removed; text all
+    in capitals put in sentence case."""
     text = re.sub(r"_{2,}|\bX{2,}\b", " ", text)
     text = re.sub(r"(^|\n|[.;:]\s)\s*\d{1,2}[.)]\s+(?=[A-Za-z])", r"\1 ", text)
     if not re.search("[a-z]", text):  # 'NO ACUTE PROCESS.' -> 'No acute process.'

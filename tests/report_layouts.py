@@ -47,6 +47,8 @@ ADDENDUM = """                                 FINAL ADDENDUM
  
  CONCLUSION:  Right lower lobe opacity, likely pneumonia, in the
  appropriate clinical setting.
+ 
+ NOTIFICATION:  The findings were discussed with Dr. ___ by telephone.
 """
 ADDENDUM_CAPTION = ("Right lower lobe opacity, likely pneumonia, in the appropriate clinical "
                     "setting.")
@@ -157,10 +159,13 @@ def write_mimic(root, gz=True, reports_root=None, extra_studies=12, seed=0):
     for name, (subject, study, split, text) in cases.items():
         texts[(subject, study)] = text
         frontal = f"{study}-frontal"
-        images.append((frontal, study, subject, split, "PA" if int(study) % 2 else "AP"))
-        images.append((f"{study}-lateral", study, subject, split, "LATERAL"))
         folder = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
-        for dicom in (frontal, f"{study}-lateral"):
+        views = {frontal: "PA" if int(study) % 2 else "AP", f"{study}-lateral": "LATERAL"}
+        if name == "wrapped":  # a second frontal image: the study's text is held once for both
+            views[f"{study}-frontal2"] = "AP"
+            expected["wrapped2"] = str(folder / f"{study}-frontal2.jpg")
+        for dicom, view in views.items():
+            images.append((dicom, study, subject, split, view))
             image(folder / f"{dicom}.jpg", rng)
         expected[name] = str(folder / f"{frontal}.jpg")
     write_mimic_tables(root, images, gz)

@@ -69,12 +69,12 @@ def test_mimic_cxr_captions_splits_and_start_up_line(tmp_path, capsys, gz):
     everything = list(train) + list(val)
     assert not any("lateral" in path for path in everything)
     assert not any(f"s5000000{i}" in path for path in everything for i in (7, 8, 9))  # test split
-    assert (len(train), len(val), splits["test"]) == (13, 3, [])  # 10 + 3 extra; 1 + 2 extra
+    assert (len(train), len(val), splits["test"]) == (14, 3, [])  # 4 + 10 extra; 1 + 2 extra
     subject = lambda path: path.split("/")[-3]  # files/p10/p10000011/s.../x.jpg
     assert not {subject(p) for p in train} & {subject(p) for p in val}
-    # text once per study: the images of a study share one caption object
+    assert train[paths["wrapped2"]] is train[paths["wrapped"]]  # the text once per study
     line = capsys.readouterr().out
-    assert ("mimic-cxr: kept 16 studies (13 train and 3 validation images); studies dropped: 1 "
+    assert ("mimic-cxr: kept 16 studies (14 train and 3 validation images); studies dropped: 1 "
             "with fewer than 3 words of report text, 1 with no report file (e.g. ") in line
     assert "p10000014/s50000005.txt); images not used: 21 (lateral or other views), 3 (test " \
            "split)" in line
