@@ -64,7 +64,7 @@ class Config:
     # data
     data: str = arg("chexpert", "chexpert, csv, mimic-cxr, chexpert-plus, openi; or several: a,b")
     data_root: str = arg("", "the data set's folder (csv: the CSV); several: one per source, a,b")
-    reports_root: str = arg("", "mimic-cxr: the reports' folder (files/pXX/...), if not the root")
+    reports_root: str = arg("", "mimic-cxr: the folder with the reports' files/, if not the root")
     caption: str = arg("findings-impression", "what of a report a step trains on", CAPTIONS)
     image_size: int = arg(224, "square input side in pixels (paper: 224)")
     square: str = arg("pad", "pad (black borders) or crop (the centre) to a square", SQUARES)

@@ -46,7 +46,7 @@ class EvalConfig:
     prompt: str = arg("", "stage-2 context file for zero-shot (default: the hand-written prompt)")
     data: str = arg("chexpert", "dataset (chexpert and chexpert5x200 are the same)", DATASETS)
     data_root: str = arg("", "the dataset's folder, or the CSV file for --data csv")
-    reports_root: str = arg("", "mimic-cxr: the reports' folder (files/pXX/...), if not the root")
+    reports_root: str = arg("", "mimic-cxr: the folder with the reports' files/, if not the root")
     task: str = arg("all", "what to evaluate", TASKS + ["all"])
     data_pct: float = arg(1.0, "fraction of the training split for linear/finetune (1, 0.1, 0.01)")
     build_5x200: bool = arg(False, "build chexpert_5x200.csv from train.csv if missing (seed 0)")

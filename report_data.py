@@ -20,30 +20,36 @@ MIN_WORDS = 3  # a study whose report has fewer usable words is dropped
 EXAMPLES = 3  # missing reports listed by name in the start-up line
 
 
-def say(line):  # one line on stdout, from rank 0 (or a plain python process)
+def print0(line):  # one line on stdout, from rank 0 (or a plain python process)
     if os.environ.get("RANK", "0") == "0":
         print(line, flush=True)
 
 
 # --- A report's text: sections, clean-up, sentences, the caption of each --caption mode
 HEADER = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*):", re.MULTILINE)  # capitals, a colon: a header
-NAMES_THE_VIEW = re.compile(r"chest|portable|view|pa and lat|ap and lat")  # 'CHEST, PA AND LAT:'
+MAIN_SECTIONS = ["impression", "findings", "history", "comparison", "addendum"]  # in this order
+NAMES_THE_VIEW = re.compile(  # a header such as 'CHEST, PA AND LAT:' heads the findings
+    r"\b(chest|portable|pa and lat|lateral and pa|ap and lat|lateral and ap|frontal and|two views|"
+    r"frontal view|pa view|ap view|one view|lateral view|bone window|frontal upright|"
+    r"frontal semi-upright|ribs)\b")
+NUMBERED_POINT = re.compile(r"(^|\n|[.;:]\s)\s*\d{1,2}[.)]\s+(?=[A-Za-z])")  # '1. No', '2) No'
 
 
 def section_name(header):
-    """The official parser's names: CONCLUSION and any header with IMPRESSION in it are the
-    impression; FINDING(S) and a header naming the view (CHEST, PA AND LATERAL) are the findings."""
+    """The official parser's names: CONCLUSION is the impression, FINDING the findings; else the
+    first of MAIN_SECTIONS the header contains (FINDINGS AND IMPRESSION: the impression); else a
+    header that names the view is the findings."""
     name = " ".join(header.lower().split())
-    if "impression" in name or name == "conclusion":
-        return "impression"
-    if "finding" in name or NAMES_THE_VIEW.search(name):
-        return "findings"
-    return name
+    renamed = {"conclusion": "impression", "finding": "findings"}
+    main = next((section for section in MAIN_SECTIONS if section in name), None)
+    view = "findings" if NAMES_THE_VIEW.search(name) else name
+    return renamed.get(name) or main or view
 
 
 def report_sections(text):
     """(findings, impression) of a free-text report, cleaned: the last non-empty section of each
-    name; with neither, the last paragraph stands as the findings ('' where there is none)."""
+    name. With neither, the official parser's 'last paragraph' stands as the findings: what
+    follows the first paragraph of the last section (all of it, if it is one paragraph)."""
     headers = list(HEADER.finditer(text))
     bodies = {}  # name -> the last non-empty body under that name
     for header, following in zip(headers, headers[1:] + [None]):
@@ -54,7 +60,7 @@ def report_sections(text):
         return clean(bodies.get("findings", "")), clean(bodies.get("impression", ""))
     last_section = text[headers[-1].end():] if headers else text
     paragraphs = [p for p in re.split(r"\n[ \t]*\n", last_section) if p.strip()]
-    return clean(paragraphs[-1] if paragraphs else ""), ""
+    return clean(" ".join(paragraphs[1:] or paragraphs)), ""
 
 
 def clean(text):
@@ -62,10 +68,10 @@ def clean(text):
     underscores after an addendum, numbered points ('1. ', '2) ') and line wraps removed; text all
     in capitals put in sentence case."""
     text = re.sub(r"_{2,}|\bX{2,}\b", " ", text)
-    text = re.sub(r"(^|\n|[.;:]\s)\s*\d{1,2}[.)]\s+(?=[A-Za-z])", r"\1 ", text)
+    text = NUMBERED_POINT.sub(r"\1 ", text)
     if not re.search("[a-z]", text):  # 'NO ACUTE PROCESS.' -> 'No acute process.'
         text = re.sub(r"(^\W*|[.!?]\s+)([a-z])", lambda m: m[1] + m[2].upper(), text.lower())
-    return re.sub(r" ([.,;:])", r"\1", " ".join(text.split()))  # 'seen on ___.': 'seen on.'
+    return re.sub(r" ([.,;:])", r"\1", " ".join(text.split()))  # 'seen on ___.' -> 'seen on.'
 
 
 def sentences(text):  # split after . ! ? followed by a space ('1.5 cm' stays whole)
@@ -94,7 +100,8 @@ def study_splits(studies, caption):
     splits = {"train": [], "val": [], "test": []}
     kept = 0
     for split, images, findings, impression in studies.values():
-        target = caption_of(findings, impression, caption if split == "train" else "")
+        mode = caption if split == "train" else "findings-impression"  # validation: all of it
+        target = caption_of(findings, impression, mode)
         if target is not None:
             splits["train" if split == "train" else "val"] += [(image, target) for image in images]
             kept += 1
@@ -109,7 +116,7 @@ def kept_line(name, splits, kept, dropped, missing=(), left_out=None):
                     if missing else "")
     unused = ", ".join(f"{n} ({why})" for why, n in (left_out or {}).items())
     unused = f"; images not used: {unused}" if unused else ""
-    say(f"{name}: kept {kept} studies ({len(splits['train'])} train and {len(splits['val'])} "
+    print0(f"{name}: kept {kept} studies ({len(splits['train'])} train and {len(splits['val'])} "
         f"validation images); studies dropped: {dropped} with fewer than {MIN_WORDS} words of "
         f"report text{missing_text}{unused}")
 
@@ -175,6 +182,16 @@ CHEXPERT_PLUS_COLUMNS = ["path_to_image", "frontal_lateral", "section_findings",
                          "section_impression", "split"]
 
 
+def image_layout(root, path):
+    """(folder, suffix) of the images of a CheXpert Plus root, found from one `path_to_image` (a
+    .jpg path): CheXpert's JPEGs under the root, or the release's PNGs under PNG/ or PNG/PNG/."""
+    for folder in ("", "PNG", "PNG/PNG"):
+        for suffix in (".jpg", ".png"):
+            if (root / folder / path).with_suffix(suffix).is_file():
+                return folder, suffix
+    return "", Path(path).suffix  # none there: each unreadable image is reported as usual
+
+
 def chexpert_plus(root, caption="findings-impression", excluded_patients=()):
     """CheXpert Plus's frontal images of its train and valid splits with their report sections;
     the images of `excluded_patients` ('patient00001', e.g. CheXpert-5x200's) are left out."""
@@ -184,6 +201,7 @@ def chexpert_plus(root, caption="findings-impression", excluded_patients=()):
     path, view, findings, impression, split = (header.index(c) for c in CHEXPERT_PLUS_COLUMNS)
     studies = {}  # 'train/patient00001/study1' -> (split, image paths, findings, impression)
     left_out = Counter()
+    layout = None  # (folder, suffix) of the images, found from the first row
     for row in rows:
         study = str(Path(row[path]).parent)
         patient = re.search(r"patient\d+", row[path])
@@ -193,7 +211,8 @@ def chexpert_plus(root, caption="findings-impression", excluded_patients=()):
         if study not in studies:  # the text once per study; every image row repeats it
             sections = (clean(row[findings]), clean(row[impression]))
             studies[study] = ("train" if row[split] == "train" else "val", [], *sections)
-        studies[study][1].append(str(root / row[path]))
+        layout = layout or image_layout(root, row[path])
+        studies[study][1].append(str((root / layout[0] / row[path]).with_suffix(layout[1])))
     splits, kept, dropped = study_splits(studies, caption)
     kept_line("chexpert-plus", splits, kept, dropped, left_out=left_out)
     return splits
@@ -234,7 +253,8 @@ def retrieval_pairs(name, root, reports_root=""):
     or every frontal Open-I image; studies with fewer than MIN_WORDS words are left out."""
     studies = (mimic_studies(root, reports_root, ("test",))[0] if name == "mimic-cxr"
                else openi_studies(root))
-    splits, _, _ = study_splits({k: ("test", *s[1:]) for k, s in studies.items()}, "")
+    held_out = {study: ("val", *rest) for study, (_, *rest) in studies.items()}  # the whole text
+    splits, _, _ = study_splits(held_out, "findings-impression")
     return splits["val"]
 
 
@@ -244,7 +264,7 @@ def caption_lengths(splits, tokenizer, max_length, sample=10_000):
     to `sample` training captions (every one of the ones a step draws from)."""
     captions = [c for _, target in splits["train"]
                 for c in ((target,) if isinstance(target, str) else target)]
-    captions = captions[::max(1, len(captions) // sample)]
+    captions = captions[::max(1, -(-len(captions) // sample))]  # a step rounded up: <= sample
     extra = len(tokenizer("")["input_ids"]) or 1  # BERT's [CLS] and [SEP], or our EOS
     lengths = np.array([len(ids) + extra for ids in
                         tokenizer(captions, add_special_tokens=False)["input_ids"]])

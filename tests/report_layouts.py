@@ -177,9 +177,11 @@ def write_mimic(root, gz=True, reports_root=None, extra_studies=12, seed=0):
     return expected
 
 
-def write_chexpert_plus(root, seed=0):
+def write_chexpert_plus(root, seed=0, png=False):
     """A small CheXpert Plus (df_chexpert_plus_240401.csv and images) and a chexpert_5x200.csv
-    whose patient (patient00009) has studies in the table too. Returns {name: image path}."""
+    whose patient (patient00009) has studies in the table too. Returns {name: image path}. The
+    images are CheXpert's JPEGs under the root, or with png=True the release's PNGs under PNG/PNG
+    (the table names .jpg files either way)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     header = ["path_to_image", "path_to_dcm", "frontal_lateral", "ap_pa", "deid_patient_id",
@@ -196,13 +198,14 @@ def write_chexpert_plus(root, seed=0):
         cases[f"extra{i}"] = (f"001{i:02d}", 1, mimic_report(random.Random(i)).split(
             "FINDINGS: ")[1].split("IMPRESSION")[0], "Stable.", "train" if i < 8 else "valid")
     rows, paths = [], {}
+    file_of = lambda path: (root / "PNG" / "PNG" / path).with_suffix(".png") if png else root / path
     for name, (patient, study, findings, impression, split) in cases.items():
         for view in ("frontal", "lateral"):
             path = f"{split}/patient{patient}/study{study}/view1_{view}.jpg"
-            image(root / path, rng)
+            image(file_of(path), rng)
             rows.append((path, path.replace(".jpg", ".dcm"), view.capitalize(), "PA",
                          f"id{patient}", findings + impression, findings, impression, split))
-        paths[name] = str(root / f"{split}/patient{patient}/study{study}/view1_frontal.jpg")
+        paths[name] = str(file_of(f"{split}/patient{patient}/study{study}/view1_frontal.jpg"))
     write_csv(root / "df_chexpert_plus_240401.csv", header, rows)
     from cleft import CHEXPERT_COLUMNS, FINDINGS  # the 5x200 file: one Edema image of patient 9
     labels = {name: "0.0" for name in FINDINGS} | {"Edema": "1.0", "No Finding": ""}

@@ -4,6 +4,7 @@ with its reports, CheXpert Plus, Open-I) read into splits, --caption, several so
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,8 +47,12 @@ def test_sections_as_the_official_rules_read_them():
     assert sections(view_header) == ("Clear lungs.", "")
     # an empty FINDINGS after a full one does not replace it
     assert sections(" FINDINGS: Clear lungs.\n FINDINGS:\n \n") == ("Clear lungs.", "")
-    no_headers = "No headers at all.\n\nSecond paragraph here."
-    assert sections(no_headers) == ("Second paragraph here.", "")
+    no_headers = "No headers at all.\n\nSecond paragraph here.\n \nThird one."
+    assert sections(no_headers) == ("Second paragraph here. Third one.", "")  # after the first
+    assert sections("One paragraph, no header.") == ("One paragraph, no header.", "")
+    # the first of the main names a header holds, before the view
+    assert sections(" HISTORY OF CHEST PAIN: Cough.\n REVIEW:  Clear lungs today.\n") == (
+        "Clear lungs today.", "")
     assert report_data.clean(layouts.CAPITALS) == layouts.CAPITALS_CAPTION
     assert report_data.clean(layouts.OPENI_FINDINGS) == layouts.OPENI_CAPTION
     assert report_data.sentences("Size 1.5 cm. No change! Stable? yes") == [
@@ -128,10 +133,12 @@ def test_a_drawn_caption_depends_on_seed_epoch_and_image_alone(tmp_path):
     assert torch.equal(first[(1, (42, 0, 1))][0], single[(1, (42, 0, 1))][0])
 
 
-def test_chexpert_plus(tmp_path, capsys):
-    """path_to_image under the root, frontal only, train / valid as given, capitals with numbered
-    points in sentence case; CheXpert-5x200's patient out of training, its image the test split."""
-    paths = layouts.write_chexpert_plus(tmp_path)
+@pytest.mark.parametrize("png", [False, True], ids=["chexpert-jpegs", "release-pngs"])
+def test_chexpert_plus(tmp_path, capsys, png):
+    """path_to_image under the root (CheXpert's JPEGs, or the release's PNGs under PNG/PNG), frontal
+    only, train / valid as given, capitals with numbered points in sentence case; CheXpert-5x200's
+    patient out of training, its image the test split."""
+    paths = layouts.write_chexpert_plus(tmp_path, png=png)
     splits = cleft.load_splits(config("--data", "chexpert-plus", "--data-root", tmp_path))
     train, val = captions(splits), captions(splits, "val")
     assert train[paths["capitals"]] == layouts.CAPITALS_CAPTION
@@ -141,6 +148,7 @@ def test_chexpert_plus(tmp_path, capsys):
     assert not any("patient00009" in path for path in list(train) + list(val))
     assert splits["test"] == [(paths["5x200"], cleft.FIVE_CLASSES.index("Edema"))]
     assert (len(train), len(val)) == (10, 3)
+    assert all(Path(path).is_file() for path in list(train) + list(val))
     assert "images not used: 15 (lateral views), 1 (CheXpert-5x200 patients)" in \
         capsys.readouterr().out
 
