@@ -248,6 +248,10 @@ def test_caption_length_line(demo_folder):
     assert line == ("data: 3 train, 1 val, 0 test; captions: 25 tokens median, 38 at the 95th "
                     "percentile, 50.0% cut by --max-length 25")
     assert "26 tokens median" in report_data.caption_lengths(splits, bert, max_length=25)
+    # at most `sample` captions, evenly spaced: 4 with sample=3 measure the 1st and 3rd (10, 30)
+    four = {"train": [(str(i), "x" * (n - 1)) for i, n in enumerate([10, 20, 30, 100])],
+            "val": [], "test": []}
+    assert "20 tokens median" in report_data.caption_lengths(four, gpt2, 25, sample=3)
 
 
 @pytest.fixture(scope="session")
