@@ -1,7 +1,9 @@
 """
 A run's files, written so that a crash never loses work: a checkpoint folder is written whole as
 DIR.tmp and renamed into place (a crash between the two renames leaves DIR.old, which loading
-falls back to), a write the OS refuses (a full disk) ends in one line with the OS's reason,
+falls back to), sealed by a manifest of its files' sizes and SHA-256 that loading checks (a file
+damaged later, or one that no longer parses, is named in one line with what to do), its files
+following the umask; a write the OS refuses (a full disk) ends in one line with the OS's reason,
 OUT/metrics.jsonl is cut back to the checkpoint's step on resume, and stage 2's prompt file is
 written under a temporary name and renamed. SIGTERM and Ctrl-C are recorded, for the training loop
 to stop between two steps and save first. cleft.py says what a checkpoint holds and loads it; this
@@ -10,20 +12,30 @@ is how the files are written. Not the method.
 
 import errno
 import gc
+import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import sys
 import tempfile
+import warnings
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from checks import die
+
+MANIFEST = "manifest.json"  # {file: {bytes, sha256}} of a checkpoint folder, written last
+# what reading a cut, emptied or overwritten file raises: json, safetensors, torch.load (zip)
+READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, LookupError, SafetensorError)
 
 
 def trained_weights(model):
@@ -49,6 +61,7 @@ def save_checkpoint(directory, model, optimizer, cfg, step, best_val_loss):
             model.text_tower.model.save_pretrained(tmp / "adapter")
         torch.save({"step": step, "best_val_loss": best_val_loss,
                     "optimizer": optimizer.state_dict()}, tmp / "state.pt")
+        seal(tmp)
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)  # a crash from here on: loading falls back to DIR.old
@@ -143,6 +156,102 @@ def exit_code(main):
     return code
 
 
+def sha256_of(path, chunk=2**24):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def follow_umask(path):  # safetensors writes its files 0600; every other file follows the umask
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def seal(folder):
+    """Every file of a checkpoint folder made to follow the umask, then MANIFEST: each one's size
+    and SHA-256, so that damage after the save is found when it is loaded."""
+    files = sorted(path for path in Path(folder).rglob("*")
+                   if path.is_file() and path.name != MANIFEST)
+    manifest = {}
+    for path in files:
+        follow_umask(path)
+        manifest[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size,
+                                                        "sha256": sha256_of(path)}
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+CHECKED = {}  # (folder, its manifest's mtime) -> damage(folder): each is hashed once per process
+
+
+def damage(folder):
+    """'FILE (what is wrong)' for the first file of a checkpoint folder that its manifest does not
+    match, or None (also for a folder saved without a manifest)."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.exists():
+        return None
+    key = (str(manifest.resolve()), manifest.stat().st_mtime_ns)
+    if key not in CHECKED:
+        CHECKED[key] = first_damaged(folder, manifest)
+    return CHECKED[key]
+
+
+def first_damaged(folder, manifest):
+    try:
+        entries = json.loads(manifest.read_text())
+    except READ_ERRORS as error:
+        return f"{manifest} ({type(error).__name__})"
+    for name, saved in entries.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{path} (missing)"
+        if (size := path.stat().st_size) != saved["bytes"]:
+            return f"{path} ({size} bytes, {saved['bytes']} when saved)"
+        if sha256_of(path) != saved["sha256"]:
+            return f"{path} (its SHA-256 is not the one saved with it)"
+    return None
+
+
+def what_to_do(folder):
+    """How to go on from a damaged checkpoint folder: for OUT/last/, resume from OUT/best/ if it is
+    intact; otherwise another checkpoint, or a fresh copy of this one."""
+    folder = Path(folder)
+    best = saved_folder(folder.parent / "best")
+    checked = best is not None and (best / MANIFEST).exists() and not damage(best)
+    if folder.name.startswith("last") and checked:
+        return (f"{best} (step {saved_step(best)}) is intact: to resume from it, "
+                f"`rm -r {folder} && cp -r {best} {folder}` and run the same command; or pass "
+                "another --out-dir to start afresh")
+    if folder.name.startswith("last"):
+        return "no intact checkpoint is left beside it: pass another --out-dir to start afresh"
+    return "copy the checkpoint again from where it came, or pass another one"
+
+
+def check_intact(folder):
+    """One `error:` line if the checkpoint folder's manifest names a damaged file."""
+    if found := damage(folder):
+        die(f"{found} is damaged: {what_to_do(folder)}.")
+
+
+def read_saved(path, read, fix=None):
+    """read(path) for a file of a checkpoint; one `error:` line naming the file if it is damaged
+    or unreadable (cut short, empty, overwritten, or a config.json edited into broken JSON), with
+    `fix` (default: what_to_do with its folder)."""
+    try:
+        with warnings.catch_warnings():  # torch.load's about a pickle protocol of random bytes
+            warnings.simplefilter("ignore")
+            return read(path)
+    except (*READ_ERRORS, pickle.UnpicklingError) as error:
+        refused = isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path)
+        if refused:  # torch's own format, whole, and weights_only=True would not run its code
+            die(f"{path} holds more than tensors and numbers, so it was refused unread "
+                f"({str(error).splitlines()[0][:80]}): resume only from checkpoints of cleft.py.")
+        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:80]}"
+        die(f"{path} is damaged or unreadable ({reason}): {fix or what_to_do(Path(path).parent)}.")
+
+
 def saved_folder(directory):
     """DIR, or DIR.old if a crash hit between a save's two renames; None if neither holds one."""
     for folder in (Path(directory), Path(f"{directory}.old")):
@@ -183,14 +292,26 @@ def append_metrics(path, record):
 
 
 def save_prompt(path, context, classes, cfg):
-    """Stage 2's learned context (L, H), with its class names and config, to a safetensors file."""
+    """Stage 2's learned context (L, H), with its class names, config and the SHA-256 of its
+    values, to a safetensors file that follows the umask."""
     tmp = Path(f"{path}.tmp")
-    save_file({"context": context.detach().cpu().contiguous()}, tmp,
-              metadata={"classes": json.dumps(classes), "config": json.dumps(asdict(cfg))})
+    context = context.detach().float().cpu().contiguous()
+    metadata = {"classes": json.dumps(classes), "config": json.dumps(asdict(cfg)),
+                "sha256": hashlib.sha256(context.numpy().tobytes()).hexdigest()}
+    save_file({"context": context}, tmp, metadata=metadata)
+    follow_umask(tmp)
     os.replace(tmp, path)
 
 
 def load_prompt(path):
-    """(context (L, H), class names) from a file written by save_prompt."""
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("context"), json.loads(f.metadata()["classes"])
+    """(context (L, H), class names) from a file written by save_prompt; one `error:` line if it
+    is damaged."""
+    def read(path):
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("context"), f.metadata()
+    fix = "run prompt_tune.py again to write it, or drop --prompt for the hand-written prompts"
+    context, metadata = read_saved(path, read, fix)
+    if "sha256" in metadata and hashlib.sha256(
+            context.float().numpy().tobytes()).hexdigest() != metadata["sha256"]:
+        die(f"{path} is damaged (its values' SHA-256 is not the one saved with them): {fix}.")
+    return context, json.loads(metadata["classes"])

@@ -131,3 +131,13 @@ def stop_if_unreadable(skipped, step, progress):  # --strict-data: this rank's b
         progress.close()
         die(f"unreadable image {first} at step {step} (--strict-data): "
             "fix or remove it, or drop --strict-data to skip such images.", this_rank_only=True)
+
+
+def nothing_left_to_train(saved_step, max_steps, last):
+    """A resumed run whose --max-steps is below the step it holds ends here, with exit code 0."""
+    if saved_step > max_steps:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{last} holds step {saved_step}, past --max-steps {max_steps}: nothing to "
+                  "train; its weights are in best/ and last/ (a higher --max-steps with --resume "
+                  "continues it).", flush=True)
+        raise SystemExit(0)

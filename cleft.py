@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import re
 import signal
@@ -43,10 +42,10 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from grad_cache import gradient_cache_step
-from checkpoints import (StopSignals, append_metrics, exit_code, on_every_rank, save_on_rank_0,
-                         saved_folder, start_metrics, trained_weights)
+from checkpoints import (StopSignals, append_metrics, check_intact, exit_code, on_every_rank,
+                         read_saved, save_on_rank_0, saved_folder, start_metrics, trained_weights)
 from checks import (check_finite, check_resume, check_schedule, check_sources, die,
-                    read_csv, stop_if_unreadable)
+                    nothing_left_to_train, read_csv, stop_if_unreadable)
 from image_io import SQUARES, UNREADABLE, XrayDataset, make_loader, report_unreadable
 from report_data import CAPTIONS, caption_lengths, chexpert_plus, mimic_cxr, openi
 
@@ -557,17 +556,19 @@ def checkpoint_dir(directory):  # or DIR.old, if a crash hit between a save's tw
     folder = saved_folder(directory)
     if folder is None:
         die(f"no checkpoint in {directory}: pass the last/ or best/ folder of a cleft.py run.")
+    check_intact(folder)  # its files as saved (their sizes and SHA-256), or one line naming one
     return folder
 
 def load_config(directory):
-    saved = json.loads((checkpoint_dir(directory) / "config.json").read_text())
+    config = checkpoint_dir(directory) / "config.json"
+    saved = read_saved(config, lambda file: json.loads(file.read_text()))
     return Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
 
 def load_model(directory, cfg=None):
     """CLEFT with the weights trained in checkpoint `directory` (the rest: the base models)."""
     directory = checkpoint_dir(directory)
     model = build_model(cfg or load_config(directory))
-    saved = load_file(directory / "model.safetensors")
+    saved = read_saved(directory / "model.safetensors", load_file)
     if saved.keys() != trained_weights(model).keys():
         die(f"{directory} does not match its config.json: was it written by another cleft.py?")
     model.load_state_dict(saved, strict=False)
@@ -583,11 +584,10 @@ def resume_state(cfg):
     if not (cfg.resume or found):
         return None
     check_resume(load_config(last), cfg, cfg.out_dir)  # the same model; other flags: --resume
-    try:
-        return torch.load(checkpoint_dir(last) / "state.pt", map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        die(f"{last}/state.pt holds more than tensors and numbers, so it was refused unread "
-            f"({str(error).splitlines()[0][:80]}): resume only from checkpoints of cleft.py.")
+    load = partial(torch.load, map_location="cpu", weights_only=True)
+    state = read_saved(checkpoint_dir(last) / "state.pt", load)
+    nothing_left_to_train(state["step"], cfg.max_steps, last)  # a shortened run: exit 0, a line
+    return state
 
 # --- Evaluation: validation loss and zero-shot accuracy (all ranks take part: they gather)
 @torch.no_grad()

@@ -12,6 +12,7 @@ reads them.
 import hashlib
 import os
 import signal
+import struct
 import sys
 import tempfile
 import threading
@@ -40,7 +41,7 @@ def read_xray(path, size, cache=""):
 def decode_xray(path, size):
     """Shrunk by a whole factor while the shorter side stays >= size: a JPEG is decoded at 1/2,
     1/4 or 1/8 scale (draft mode), others are box-reduced; a DICOM is read as dicom_pixels."""
-    if str(path).lower().endswith(".dcm"):
+    if is_dicom(path):
         image = Image.fromarray(np.uint8(np.round(255 * dicom_pixels(path))))
     else:
         with Image.open(path) as image:
@@ -50,34 +51,120 @@ def decode_xray(path, size):
     return image.reduce(factor) if factor > 1 else image
 
 
+def is_dicom(path):
+    """Named .dcm, or marked as DICOM by its content: 'DICM' after the 128-byte preamble (the files
+    of a DICOMDIR export have no suffix)."""
+    if str(path).lower().endswith(".dcm"):
+        return True
+    with open(path, "rb") as file:
+        return file.read(132)[128:] == b"DICM"
+
+
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights of R, G, B, as PIL's convert('L')
+
+
 def dicom_pixels(path):
-    """A DICOM's pixels in [0, 1] as a viewer shows them (pydicom): the modality LUT (rescale
-    slope and intercept), then the VOI LUT or else the first stored window, whose output range is
-    what the lowest and highest storable values become; without either, the image's minimum to
-    maximum. MONOCHROME1 (white is 0) is inverted."""
-    from pydicom import dcmread
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    dicom = dcmread(path)
+    """A DICOM's pixels (its first frame) in [0, 1] as a viewer shows them (pydicom): the modality
+    LUT (rescale slope and intercept), then the VOI LUT or else the first stored window, whose
+    output range is what the lowest and highest storable values become; without either (or with
+    an empty one), the image's minimum to maximum. MONOCHROME1 (white is 0) is inverted. Colour
+    (RGB, YBR, or PALETTE COLOR through its table) becomes its luminance."""
+    dicom, stored = read_dicom(path)  # first: it says what to install when pydicom is missing
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    if dicom.PhotometricInterpretation == "PALETTE COLOR":  # each stored value indexes a table
+        rgb = through_lut(apply_color_lut, stored, dicom)
+        return rgb @ LUMA / np.iinfo(rgb.dtype).max  # 8- or 16-bit table entries
+    if stored.ndim == 3:  # RGB, or YBR that pydicom has turned into RGB
+        return stored @ LUMA / (2**dicom.BitsStored - 1)
+    has_voi_lut = bool(dicom.get("VOILUTSequence"))  # as pydicom decides: not when empty
+    has_window = "WindowCenter" in dicom and "WindowWidth" in dicom  # a centre alone is none
 
     def modality(stored):  # rescaled; whole numbers for a VOI LUT, a table
-        values = apply_modality_lut(stored, dicom)
-        return np.round(values).astype(np.int64) if "VOILUTSequence" in dicom else values
+        values = through_lut(apply_modality_lut, stored, dicom)
+        return np.round(values).astype(np.int64) if has_voi_lut else values
 
-    values = modality(dicom.pixel_array)
-    if "VOILUTSequence" in dicom or "WindowCenter" in dicom:
+    values = modality(stored)
+    if has_voi_lut or has_window:
         bits = dicom.BitsStored
         storable = np.array([0, 2**bits - 1] if dicom.PixelRepresentation == 0  # unsigned
                             else [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
-        low, high = apply_voi_lut(modality(storable), dicom)
-        values = apply_voi_lut(values, dicom)
+        low, high = through_lut(apply_voi_lut, modality(storable), dicom)
+        values = through_lut(apply_voi_lut, values, dicom)
     else:
         low, high = values.min(), values.max()
     pixels = np.clip((values - low) / max(float(high - low), 1e-6), 0, 1)
     return 1 - pixels if dicom.PhotometricInterpretation == "MONOCHROME1" else pixels
 
 
+def read_dicom(path):
+    """The DICOM dataset at `path` and its first frame's stored values (RGB for YBR), or a
+    ValueError with the reason, which the dataset reports as an unreadable image's: not DICOM,
+    damaged, no pixel data, no decoder for its compression."""
+    try:
+        import pydicom.pixels  # noqa: F401 (new in pydicom 3)
+        from pydicom import dcmread
+        from pydicom.errors import InvalidDicomError
+    except ImportError as error:  # a DICOM without the .dcm name, which require_pydicom misses
+        raise ValueError("a DICOM file: pip install 'pydicom>=3' to read it") from error
+    damaged = pydicom_errors()
+    try:
+        dicom = dcmread(path)
+        for keyword in ["RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"]:
+            if keyword in dicom and dicom[keyword].is_empty:
+                del dicom[keyword]  # exports leave some empty: read as absent, not as None
+        dicom.pixel_array_options(index=0)  # only the first frame is decoded
+    except InvalidDicomError as error:  # named .dcm, but empty, say
+        raise ValueError("not a DICOM file: no 'DICM' marker at byte 128") from error
+    except damaged as error:
+        raise ValueError(f"not a readable DICOM file: {one_line(error)}") from error
+    if "PixelData" not in dicom:
+        raise ValueError("a DICOM file without pixel data (a report or an index?)")
+    try:
+        return dicom, dicom.pixel_array
+    except RuntimeError as error:  # pydicom: no decoder for the compression, or all failed
+        raise ValueError(undecodable(dicom, error)) from error
+    except damaged as error:  # the image's description (rows, bits, ...) or its pixel data
+        raise ValueError(f"DICOM pixel data not readable: {one_line(error)}") from error
+
+
+def through_lut(apply, values, dicom):  # one of pydicom's LUTs: a damaged table is a reason
+    try:
+        return apply(values, dicom)
+    except pydicom_errors() as error:
+        raise ValueError(f"DICOM lookup table not usable: {one_line(error)}") from error
+
+
+def pydicom_errors():
+    """What pydicom raises for a DICOM file cut short or damaged: an element's length, type or
+    value, a table's size, a transfer syntax that does not exist."""
+    from pydicom.errors import BytesLengthException
+    return (BytesLengthException, EOFError, struct.error, AttributeError, NotImplementedError,
+            TypeError, ValueError)
+
+
+def undecodable(dicom, error):
+    """Why pydicom decoded no pixels (a decoder missing, or damage), with the pip install that adds
+    a decoder for a JPEG, JPEG-LS or JPEG 2000 transfer syntax (pydicom 3's pylibjpeg plugins;
+    python-gdcm decodes most of them too). pillow decodes 8-bit JPEG and JPEG 2000 already."""
+    from pydicom import uid
+    syntax = dicom.file_meta.get("TransferSyntaxUID")  # None where damage took it
+    reason = f"DICOM pixel data not decoded: {one_line(error)}"  # pydicom's names the syntax
+    if syntax in uid.JPEGTransferSyntaxes + uid.JPEGLSTransferSyntaxes:  # 12-bit, lossless, -LS
+        return f"{reason} (pip install pylibjpeg pylibjpeg-libjpeg adds a decoder)"
+    if syntax in [uid.JPEG2000Lossless, uid.JPEG2000, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL,
+                  uid.HTJ2K]:
+        return f"{reason} (pip install pylibjpeg pylibjpeg-openjpeg adds a decoder)"
+    return reason  # one pydicom decodes itself, or cannot decode at all
+
+
+def one_line(error):  # pydicom's messages span lines; the reports are one line per image
+    return " ".join(str(error).split())
+
+
 def require_pydicom(records):
-    """One clear error, before any loader starts, when DICOM images meet no pydicom 3."""
+    """One clear error, before any loader starts, when files named .dcm meet no pydicom 3. Only
+    names are checked (reading every file's marker would be slow): a DICOM with another name is
+    reported unreadable, with the same advice."""
     if any(str(path).lower().endswith(".dcm") for path, _ in records):
         try:
             import pydicom.pixels  # noqa: F401

@@ -8,6 +8,7 @@ comes from. Inputs: image files (JPEG, PNG, DICOM), folders, or CSVs with an `im
 """
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def main(argv=None):
         die(f"no prompt file at {cfg.prompt}: run prompt_tune.py first, or drop --prompt.")
     if missing := [item for item in cfg.images if not Path(item).exists()]:
         die(f"{missing[0]} does not exist: pass existing image files, folders or CSVs.")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would repeat all of it
+        die("predict.py runs in one process, on one GPU: start it with python, not torchrun.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, autocast = autocast_for("auto", device)  # bf16 on a GPU
     model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
@@ -126,7 +129,7 @@ def main(argv=None):
             else:
                 prediction = classes[int(np.argmax(values))]
             rows_by_index[index] = {"image": paths[index], "prediction": prediction,
-                                    **{c: round(p, 4) for c, p in zip(classes, values)}}
+                                    **dict(zip(classes, values))}  # all digits: no ties
             if maps:  # FILE.npz: patches (C, h, w), other (C,), cosine (C,); FILE.png: a view
                 file = Path(cfg.heatmap) / f"{index:05d}_{Path(paths[index]).stem}"
                 file.parent.mkdir(parents=True, exist_ok=True)
@@ -139,8 +142,8 @@ def main(argv=None):
     report_unreadable(unreadable)
     rows = [rows_by_index[index] for index in sorted(rows_by_index)]
     print0(" | ".join(["image", "prediction", *classes]))
-    for row in rows:
-        print0(" | ".join(map(str, row.values())))
+    for row in rows:  # on screen, 4 decimals
+        print0(" | ".join(f"{v:.4f}" if isinstance(v, float) else v for v in row.values()))
     if cfg.out:
         with open(cfg.out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["image", "prediction", *classes])

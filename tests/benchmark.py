@@ -12,7 +12,9 @@ Benchmark CLEFT on this machine (CPU, or CUDA when present) and print one table 
   5. the paper's shapes on a GPU (random weights);
   6. reports: reading a full-size synthetic MIMIC-CXR (227,835 report files at the release's
      folder depth, its two tables) into the splits, seconds and resident memory, in a fresh
-     process; and training steps on report captions against a pairs CSV of the same images.
+     process; and training steps on report captions against a pairs CSV of the same images;
+  7. checkpoint integrity: a save of the paper's trained size with and without its manifest
+     (sizes and SHA-256 of every file), and the check at load.
 Run as a script (pytest does not collect it):  python tests/benchmark.py [--steps 5]
 """
 
@@ -663,6 +665,54 @@ def reports_part(folder, steps):
           ["data", "images/s"], [[label, f"{rate:.0f}"] for label, rate in rates.items()])
 
 
+# ---------------------------------------------------------------------------- 7. checkpoints
+
+
+def save_with_and_without_manifest(folder, repeats=3):
+    """Seconds of checkpoints.save_checkpoint for DINOv2 ViT-B/14 fully trained with the tiny
+    GPT-2 and LoRA (87M trained parameters and their AdamW moments, as the paper's 90.9M), with
+    the manifest and with it switched off, interleaved; and of checking the manifest at load."""
+    import checkpoints
+
+    cfg = replace(DEMO_CONFIG, vision_model="facebook/dinov2-base")
+    load = lambda name, kind: ((AutoModel.from_config(dry_run.architecture(name)), None)
+                               if kind == "vision" else
+                               (random_model(*SIZES["tiny"]["text"]), demo.tiny_tokenizer()))
+    model = cleft.build_model(cfg, load=load)
+    optimizer = cleft.make_optimizer(model, 1e-4, 0.1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()  # the moments exist, as in any saved run
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    real_seal = checkpoints.seal
+    times = {"with manifest": [], "without": []}
+    checks = []
+    for _ in range(repeats):
+        for label in times:
+            checkpoints.seal = real_seal if label == "with manifest" else (lambda folder: None)
+            start = time.perf_counter()
+            checkpoints.save_checkpoint(folder / "ckpt", model, optimizer, cfg, 1, 1.0)
+            times[label].append(time.perf_counter() - start)
+        checkpoints.CHECKED.clear()
+        start = time.perf_counter()
+        assert checkpoints.damage(folder / "ckpt") is None
+        checks.append(time.perf_counter() - start)
+    checkpoints.seal = real_seal
+    size = sum(p.stat().st_size for p in (folder / "ckpt").rglob("*") if p.is_file())
+    return trained, size, {k: float(np.median(v)) for k, v in times.items()}, np.median(checks)
+
+
+def checkpoints_part(folder):
+    trained, size, times, check = save_with_and_without_manifest(folder)
+    overhead = times["with manifest"] / times["without"] - 1
+    table("7. A checkpoint's manifest (sizes and SHA-256 of its files; median of 3, interleaved)",
+          ["trained parameters", "checkpoint MB", "save s", "save without manifest s",
+           "overhead", "check at load s"],
+          [[f"{trained:,}", f"{size / 2**20:.0f}", f"{times['with manifest']:.2f}",
+            f"{times['without']:.2f}", f"{100 * overhead:+.0f}%", f"{check:.2f}"]])
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -677,7 +727,7 @@ def main():
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="loader processes in part 1b"
     )
-    parser.add_argument("--parts", default="123456", help="which parts to run (5: GPU only)")
+    parser.add_argument("--parts", default="1234567", help="which parts to run (5: GPU only)")
     parser.add_argument("--shapes", default="paper", choices=["paper", "tiny", "mid"],
                         help="part 5's model shapes ('tiny' checks the code on a CPU)")
     args = parser.parse_args()
@@ -703,6 +753,8 @@ def main():
             paper_shapes(args.steps, args.shapes)
         if "6" in args.parts:
             reports_part(Path(folder), max(args.steps, 20))
+        if "7" in args.parts:
+            checkpoints_part(Path(folder))
 
 
 if __name__ == "__main__":

@@ -566,6 +566,7 @@ def test_checkpoints_never_run_pickled_code(demo_folder, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"step": 2, "payload": Payload()}, tmp_path / "last" / "state.pt")
+    checkpoints.seal(tmp_path / "last")  # a manifest that vouches for it: torch.load must refuse
     result = run(demo_folder, tmp_path, "--max-steps", 4, "--resume")
     assert (
         result.returncode != 0
@@ -590,6 +591,7 @@ def test_the_logit_scale_never_exceeds_100(demo_folder, tmp_path):
     weights = load_file(tmp_path / "last" / "model.safetensors")
     weights["logit_scale"] = torch.tensor(math.log(1000.0))
     save_file(weights, tmp_path / "last" / "model.safetensors")
+    checkpoints.seal(tmp_path / "last")  # an edit on purpose: its manifest written anew
     train(demo_folder, tmp_path, "--eval-every", 2, "--max-steps", 4, "--resume")  # scale: 1000
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [r for r in map(json.loads, lines) if r["step"] > 2]
