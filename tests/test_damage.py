@@ -1,7 +1,8 @@
-"""Files damaged after a run: a checkpoint's files cut short, emptied, overwritten with random bytes,
-a byte flipped, a config.json edited into broken JSON, a damaged prompt file: one `error:` line that
-names the file and what to do, never a traceback; the manifest that finds damage the formats would
-not; files that follow the umask; a resumed run shortened below its step; predict.py's CSV."""
+"""Files damaged after a run: a checkpoint's files cut short, emptied, overwritten with random
+bytes, a byte flipped, a config.json edited into broken JSON, a damaged prompt file: one `error:`
+line that names the file and what to do, never a traceback; the manifest that finds damage the
+formats would not; files that follow the umask; a resumed run shortened below its step; predict.py
+under torchrun."""
 
 import dataclasses
 import json
