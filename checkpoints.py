@@ -6,8 +6,9 @@ damaged later, or one that no longer parses, is named in one line with what to d
 following the umask; a write the OS refuses (a full disk) ends in one line with the OS's reason,
 OUT/metrics.jsonl is cut back to the checkpoint's step on resume, and stage 2's prompt file is
 written under a temporary name and renamed. SIGTERM and Ctrl-C are recorded, for the training loop
-to stop between two steps and save first. cleft.py says what a checkpoint holds and loads it; this
-is how the files are written. Not the method.
+to stop between two steps and save first. The process group is joined so that workers torchrun
+restarts form a new one, and released last at exit. cleft.py says what a checkpoint holds and loads
+it; this is how the files are written. Not the method.
 """
 
 import errno
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -141,6 +143,18 @@ class StopSignals:
             signal.signal(number, handler)
 
 
+def join_process_group(backend, timeout):
+    """dist.init_process_group from torchrun's environment, each restart of the workers in a key
+    space of its own. torchrun keeps its key store across restarts (torch 2.13; upstream issue
+    135712) and writes no prefix per attempt, so a restarted rank could read a dead rank's address
+    and wait for ever in gloo's connect; with `attempt_N/` the new ranks meet only each other."""
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's own store
+        store = dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
+
+
 def exit_code(main):
     """main()'s exit code (an `error:` line's too), after the process group is released, last:
     DDP holds the group, and if DDP's destructor freed it, it would wait, holding Python's lock,
@@ -175,11 +189,13 @@ def seal(folder):
     and SHA-256, so that damage after the save is found when it is loaded."""
     files = sorted(path for path in Path(folder).rglob("*")
                    if path.is_file() and path.name != MANIFEST)
+    with ThreadPoolExecutor() as pool:  # hashlib lets go of Python's lock: files hashed at once
+        digests = list(pool.map(sha256_of, files))
     manifest = {}
-    for path in files:
+    for path, digest in zip(files, digests):
         follow_umask(path)
         manifest[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size,
-                                                        "sha256": sha256_of(path)}
+                                                        "sha256": digest}
     (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -250,6 +266,10 @@ def read_saved(path, read, fix=None):
                 f"({str(error).splitlines()[0][:80]}): resume only from checkpoints of cleft.py.")
         reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:80]}"
         die(f"{path} is damaged or unreadable ({reason}): {fix or what_to_do(Path(path).parent)}.")
+
+
+def read_json(path):  # a checkpoint's config.json, as read_saved reads any of its files
+    return read_saved(path, lambda file: json.loads(file.read_text()))
 
 
 def saved_folder(directory):

@@ -42,10 +42,12 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from grad_cache import gradient_cache_step
-from checkpoints import (StopSignals, append_metrics, check_intact, exit_code, on_every_rank,
-                         read_saved, save_on_rank_0, saved_folder, start_metrics, trained_weights)
+from checkpoints import (StopSignals, append_metrics, check_intact, exit_code,
+                         join_process_group, on_every_rank, read_json, read_saved, save_on_rank_0,
+                         saved_folder, start_metrics, trained_weights)
 from checks import (check_finite, check_resume, check_schedule, check_sources, die,
                     nothing_left_to_train, read_csv, stop_if_unreadable)
+from progress import progress_bar
 from image_io import SQUARES, UNREADABLE, XrayDataset, make_loader, report_unreadable
 from report_data import CAPTIONS, caption_lengths, chexpert_plus, mimic_cxr, openi
 
@@ -150,7 +152,7 @@ def setup_distributed():  # (rank, world_size, device): nccl on CUDA, gloo on CP
         torch.cuda.set_device(device)
     # CUDA tensors go through nccl, the host's small agreements (stop, save, resume) through gloo;
     # the others wait in a collective while rank 0 saves (GBs with --full-ft-lm): 1 hour, not 10 min
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(hours=1))
+    join_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(hours=1))
     return dist.get_rank(), dist.get_world_size(), device
 
 def autocast_for(dtype, device):
@@ -551,7 +553,7 @@ def make_optimizer(model, lr, weight_decay, fused=False):
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 # --- Checkpoints: OUT/{last,best}/ = config.json, model.safetensors (trained weights only),
-# adapter/ (peft's format), state.pt (step, best validation loss, optimizer): checkpoints.py
+# adapter/ (peft's), state.pt (step, best val loss, optimizer), manifest.json: checkpoints.py
 def checkpoint_dir(directory):  # or DIR.old, if a crash hit between a save's two renames
     folder = saved_folder(directory)
     if folder is None:
@@ -560,8 +562,7 @@ def checkpoint_dir(directory):  # or DIR.old, if a crash hit between a save's tw
     return folder
 
 def load_config(directory):
-    config = checkpoint_dir(directory) / "config.json"
-    saved = read_saved(config, lambda file: json.loads(file.read_text()))
+    saved = read_json(checkpoint_dir(directory) / "config.json")
     return Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
 
 def load_model(directory, cfg=None):
@@ -622,7 +623,7 @@ def embed(model, loader, n, autocast, progress=False, encode=None):
     device = model.logit_scale.device
     encode = encode or model.encode_image
     features, targets, unreadable = [], [], []
-    for images, target, skipped in tqdm(loader, "images", disable=world()[0] or not progress):
+    for images, target, skipped in progress_bar(loader, "images", disable=not progress):
         with autocast:
             features.append(all_gather_rows(encode(images.to(device)).float()))  # (B, D)
             if not torch.is_tensor(target):  # captions
@@ -675,7 +676,7 @@ def main(argv=None):
     metrics = out_dir / "metrics.jsonl"
     if rank == 0:  # on resume, the lines after the checkpoint go: those steps run again
         start_metrics(metrics, start_step if state else None)
-    progress = tqdm(total=cfg.max_steps, initial=start_step, disable=rank != 0, desc="train")
+    progress = progress_bar(total=cfg.max_steps, initial=start_step, desc="train")  # rank 0's
 
     UNREADABLE.clear()
     losses = []  # this log line's steps: their losses stay on the device until it is written

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from checkpoints import load_prompt
 from checks import write_csv
@@ -29,6 +28,7 @@ from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches,
                    autocast_for, caption_from_labels, chexpert_rows, die, embed,
                    eval_batches, five_class_index, get_lr, load_config, load_model, make_loader,
                    make_optimizer, parse_config, print0, read_csv, split_by_patient)
+from progress import progress_bar
 from image_io import XrayDataset
 from metrics import accuracy, auc, recall_at_k, resample_counts, summary
 from predict import class_features, zero_shot_probabilities
@@ -320,7 +320,7 @@ def fit(module, batch_loss, val_loss, cfg, desc):
     optimizer, params = make_optimizer(module, cfg.lr, cfg.weight_decay), list(module.parameters())
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else cfg.max_steps // 10
     best = (float("inf"), None)
-    for step in tqdm(range(cfg.max_steps + 1), desc=desc, leave=False):
+    for step in progress_bar(range(cfg.max_steps + 1), desc=desc, leave=False):
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             if (loss := val_loss()) < best[0]:
                 best = (loss, [p.detach().clone() for p in params])

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from checkpoints import load_prompt
 from cleft import (CAPTION_PREFIX, FIVE_CLASSES, arg, autocast_for, die, eval_batches, load_config,
                    load_model, make_loader, parse_config, print0, read_csv)
+from progress import progress_bar
 from image_io import XrayDataset, overlay_map, report_unreadable
 from prompt_tune import PromptLearner, zero_shot_logits
 
@@ -108,7 +108,7 @@ def main(argv=None):
     loader = make_loader(dataset, eval_batches(len(paths), 32), -1, device)
     rows_by_index = {}  # image index -> image, prediction, the probability of each class
     unreadable = []  # 'path (error)' of the files that cannot be read
-    for images, indices, skipped in tqdm(loader, "images"):
+    for images, indices, skipped in progress_bar(loader, "images"):
         unreadable += skipped  # an unreadable file's item holds the next image: it is left out
         images = images.to(device)
         with autocast:

@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from checkpoints import exit_code, save_prompt, start_metrics
 from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, EncoderTextTower, arg, autocast_for,
                    changed_fields, check_schedule, chexpert_rows, die, embed, eval_batches,
                    five_class_index, get_lr, load_config, load_model, log, make_loader,
                    parse_config, print0, read_csv, setup_distributed, split_by_patient)
+from progress import progress_bar
 from image_io import XrayDataset
 from metrics import paired_gain
 
@@ -183,7 +183,7 @@ def main(argv=None):
         return (logits.argmax(dim=1) == labels).cpu().numpy(), loss
 
     log_file = start_metrics(out.with_suffix(".jsonl")) if rank == 0 else None  # beside `out`
-    progress = tqdm(total=cfg.max_steps, disable=rank != 0, desc="prompt")
+    progress = progress_bar(total=cfg.max_steps, desc="prompt")  # rank 0's
     batches = torch.Generator().manual_seed(cfg.seed)  # the same batches on every rank
     train_features, train_labels = features["train"]
     # class-balanced batches (the paper: the classes are learned "evenly"): 1 / class size each

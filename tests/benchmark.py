@@ -686,7 +686,7 @@ def save_with_and_without_manifest(folder, repeats=3):
     optimizer.step()  # the moments exist, as in any saved run
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     real_seal = checkpoints.seal
-    times = {"with manifest": [], "without": []}
+    times = {"without": [], "with manifest": []}
     checks = []
     for _ in range(repeats):
         for label in times:
@@ -694,8 +694,9 @@ def save_with_and_without_manifest(folder, repeats=3):
             start = time.perf_counter()
             checkpoints.save_checkpoint(folder / "ckpt", model, optimizer, cfg, 1, 1.0)
             times[label].append(time.perf_counter() - start)
-        checkpoints.CHECKED.clear()
+        checkpoints.CHECKED.clear()  # the last save has a manifest: checked as a loader would
         start = time.perf_counter()
+        assert (folder / "ckpt" / checkpoints.MANIFEST).exists()
         assert checkpoints.damage(folder / "ckpt") is None
         checks.append(time.perf_counter() - start)
     checkpoints.seal = real_seal

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,10 +56,22 @@ def no_process_outlives_its_test():
     STARTED.clear()
 
 
-def start(args, torchrun=False):
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(args, torchrun=False, restarts=0, rendezvous="c10d"):
+    """cleft.py in a process of its own, or under torchrun with two processes (--standalone: the
+    c10d rendezvous, or the static one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
+    rdzv = (["--standalone"] if rendezvous == "c10d" else
+            ["--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+             "--nnodes=1", "--node-rank=0"])
     launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc_per_node", "2",
+         "--max-restarts", str(restarts)]
         if torchrun
         else [sys.executable]
     )
@@ -221,6 +234,29 @@ def rank_process(launcher, rank):
             if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                 return pid
     raise AssertionError(f"no process of rank {rank} under torchrun")
+
+
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_a_worker_killed_under_torchrun_restarts_and_resumes(demo_folder, tmp_path, rendezvous):
+    """kill -9 to rank 1 (as the OOM killer does) under `torchrun --max-restarts=1`: the other rank
+    dies at its next collective, torchrun starts both again, and they form a new process group
+    (torchrun keeps its key store across restarts: without a key space per attempt a new rank
+    could read a dead rank's address and wait for ever) and resume from OUT/last/."""
+    out = tmp_path / "run"
+    args = stage1_flags(demo_folder, "--max-steps", 10, "--eval-every", 4, *FAST,
+                        "--out-dir", out)
+    process = start(args, torchrun=True, restarts=1, rendezvous=rendezvous)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + TIMEOUT
+    while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run never reached step 5"
+        time.sleep(0.02)
+    os.kill(rank_process(process, 1), signal.SIGKILL)
+    stdout, stderr = communicate(process)
+    assert process.returncode == 0, stderr[-3000:]
+    assert f"resumed from {out / 'last'} at step 4" in stdout
+    assert torch.load(out / "last" / "state.pt", weights_only=True)["step"] == 10
 
 
 def test_sigterm_to_one_rank_under_torchrun_stops_both_at_one_step(demo_folder, tmp_path):

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,6 +47,9 @@ def test_demo_run_writes_checkpoints_and_metrics(demo_folder, tmp_path):
                                      "--eval-every", 3, *FAST))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 6/6 | loss" in result.stdout and "zero_shot_acc" in result.stdout
+    # its output goes to pipes, as a batch job's to a log: plain lines, no bar frames
+    assert "\r" not in result.stdout + result.stderr
+    assert re.search(r"^train: 6/6, [0-9.]+/s, 0:00:00 left$", result.stderr, re.MULTILINE)
     records = metrics(out)
     evaluations = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evaluations] == [0, 3, 6]
@@ -258,3 +262,18 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path, capsys, warmup_s
                "learning rate climbs for the whole run (to --lr at the last step at most, with "
                "no decay); lower --warmup-steps.\n")
     assert (warning in capsys.readouterr().err) == warned
+
+
+def test_a_log_gets_a_plain_line_every_interval(monkeypatch, capsys):
+    """Off a terminal, a bar's place is taken by lines: how far, how fast, how long is left."""
+    import progress
+
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    monkeypatch.setattr(progress, "INTERVAL", 0)  # a line at every update
+    clock = iter([100.0, 102.0, 104.0, 110.0])  # the start, then each image's end
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    for _ in progress.progress_bar(range(3), "images"):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["images: 1/3, 0.50/s, 0:00:04 left", "images: 2/3, 0.50/s, 0:00:02 left",
+                     "images: 3/3, 0.30/s, 0:00:00 left"]  # the last line once, at the end
