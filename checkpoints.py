@@ -87,7 +87,10 @@ def save_on_rank_0(out_dir, names, model, optimizer, cfg, step, best_val_loss):
                 save_checkpoint(Path(out_dir) / name, model, optimizer, cfg, step, best_val_loss)
         except SaveFailed as failed:
             last = saved_folder(Path(out_dir) / "last")  # what a rerun resumes from
-            held = f"{last} holds step {saved_step(last)}" if last else "nothing is saved yet"
+            try:
+                held = f"{last} holds step {saved_step(last)}" if last else "nothing is saved yet"
+            except READ_ERRORS:  # its state.pt damaged too: the line still reaches every rank
+                held = f"{last} is there, its step unreadable"
             error = f"{failed}; {held}"
     return on_every_rank(error)[0]
 
@@ -179,7 +182,7 @@ def sha256_of(path, chunk=2**24):
 
 
 def follow_umask(path):  # safetensors writes its files 0600; every other file follows the umask
-    umask = os.umask(0)
+    umask = os.umask(0o022)  # read by setting it: put back at once (no thread of ours writes now)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
 
@@ -216,17 +219,16 @@ def damage(folder):
 
 def first_damaged(folder, manifest):
     try:
-        entries = json.loads(manifest.read_text())
-    except READ_ERRORS as error:
+        for name, saved in json.loads(manifest.read_text()).items():
+            path = Path(folder) / name
+            if not path.is_file():
+                return f"{path} (missing)"
+            if (size := path.stat().st_size) != saved["bytes"]:
+                return f"{path} ({size} bytes, {saved['bytes']} when saved)"
+            if sha256_of(path) != saved["sha256"]:
+                return f"{path} (its SHA-256 is not the one saved with it)"
+    except (*READ_ERRORS, TypeError, AttributeError) as error:  # a manifest that is not one
         return f"{manifest} ({type(error).__name__})"
-    for name, saved in entries.items():
-        path = Path(folder) / name
-        if not path.is_file():
-            return f"{path} (missing)"
-        if (size := path.stat().st_size) != saved["bytes"]:
-            return f"{path} ({size} bytes, {saved['bytes']} when saved)"
-        if sha256_of(path) != saved["sha256"]:
-            return f"{path} (its SHA-256 is not the one saved with it)"
     return None
 
 
@@ -241,7 +243,7 @@ def what_to_do(folder):
                 f"`rm -r {folder} && cp -r {best} {folder}` and run the same command; or pass "
                 "another --out-dir to start afresh")
     if folder.name.startswith("last"):
-        return "no intact checkpoint is left beside it: pass another --out-dir to start afresh"
+        return "no checkpoint beside it is known to be intact: pass another --out-dir to begin anew"
     return "copy the checkpoint again from where it came, or pass another one"
 
 
@@ -326,12 +328,13 @@ def save_prompt(path, context, classes, cfg):
 def load_prompt(path):
     """(context (L, H), class names) from a file written by save_prompt; one `error:` line if it
     is damaged."""
-    def read(path):
+    def read(path):  # the context, its classes, the SHA-256 saved with its values (if any)
         with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor("context"), f.metadata()
+            metadata = f.metadata() or {}
+            return f.get_tensor("context"), json.loads(metadata["classes"]), metadata.get("sha256")
     fix = "run prompt_tune.py again to write it, or drop --prompt for the hand-written prompts"
-    context, metadata = read_saved(path, read, fix)
-    if "sha256" in metadata and hashlib.sha256(
-            context.float().numpy().tobytes()).hexdigest() != metadata["sha256"]:
+    context, classes, saved_sha256 = read_saved(path, read, fix)
+    sha256 = hashlib.sha256(context.float().numpy().tobytes()).hexdigest()
+    if saved_sha256 and sha256 != saved_sha256:
         die(f"{path} is damaged (its values' SHA-256 is not the one saved with them): {fix}.")
-    return context, json.loads(metadata["classes"])
+    return context, classes

@@ -138,6 +138,6 @@ def nothing_left_to_train(saved_step, max_steps, last):
     if saved_step > max_steps:
         if os.environ.get("RANK", "0") == "0":
             print(f"{last} holds step {saved_step}, past --max-steps {max_steps}: nothing to "
-                  "train; its weights are in best/ and last/ (a higher --max-steps with --resume "
-                  "continues it).", flush=True)
+                  "train, and nothing is changed (a higher --max-steps with --resume continues "
+                  "it).", flush=True)
         raise SystemExit(0)

@@ -113,6 +113,7 @@ def read_dicom(path):
             if keyword in dicom and dicom[keyword].is_empty:
                 del dicom[keyword]  # exports leave some empty: read as absent, not as None
         dicom.pixel_array_options(index=0)  # only the first frame is decoded
+        dicom.get("VOILUTSequence")  # a damaged sequence is decoded here, where it is caught
     except InvalidDicomError as error:  # named .dcm, but empty, say
         raise ValueError("not a DICOM file: no 'DICM' marker at byte 128") from error
     except damaged as error:

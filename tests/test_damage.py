@@ -162,3 +162,18 @@ def test_predict_refuses_torchrun(stage1_ckpt, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     message = error_line(lambda: predict.main(["--ckpt", str(stage1_ckpt), str(stage1_ckpt)]))
     assert "start it with python, not torchrun" in message
+
+
+@pytest.mark.parametrize("text", ["[]", '{"model.safetensors": {}}', '{"model.safetensors": "y"}'])
+def test_a_manifest_that_is_not_one_is_one_line(run, text):
+    (run / "best" / checkpoints.MANIFEST).write_text(text)
+    message = error_line(lambda: cleft.load_model(run / "best"))
+    assert f"{run / 'best' / checkpoints.MANIFEST} (" in message and "damaged" in message
+
+
+def test_a_prompt_file_without_our_metadata_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"context": torch.zeros(2, 2)}, tmp_path / "other.safetensors")
+    message = error_line(lambda: checkpoints.load_prompt(tmp_path / "other.safetensors"))
+    assert "other.safetensors is damaged or unreadable (KeyError" in message
