@@ -88,6 +88,15 @@ def finish(process):
     return stdout
 
 
+def wait_for_step(process, metrics_file, step):
+    """Return once metrics.jsonl has logged `step` (the process still running)."""
+    deadline = time.time() + TIMEOUT
+    while not (metrics_file.exists() and f'"step": {step},' in metrics_file.read_text()):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, f"the run never reached step {step}"
+        time.sleep(0.02)
+
+
 def kill_after(process, metrics_file, step, how=signal.SIGKILL):
     """Send `how` to the whole process group once metrics.jsonl has logged `step`, mid-run;
     (stdout, stderr) of the process."""
@@ -246,12 +255,7 @@ def test_a_worker_killed_under_torchrun_restarts_and_resumes(demo_folder, tmp_pa
     args = stage1_flags(demo_folder, "--max-steps", 10, "--eval-every", 4, *FAST,
                         "--out-dir", out)
     process = start(args, torchrun=True, restarts=1, rendezvous=rendezvous)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + TIMEOUT
-    while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.time() < deadline, "the run never reached step 5"
-        time.sleep(0.02)
+    wait_for_step(process, out / "metrics.jsonl", 5)
     os.kill(rank_process(process, 1), signal.SIGKILL)
     stdout, stderr = communicate(process)
     assert process.returncode == 0, stderr[-3000:]
@@ -268,12 +272,7 @@ def test_sigterm_to_one_rank_under_torchrun_stops_both_at_one_step(demo_folder, 
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     finish(start([*args, "--out-dir", straight], torchrun=True))
     process = start([*args, "--out-dir", stopped], torchrun=True)
-    metrics = stopped / "metrics.jsonl"
-    deadline = time.time() + TIMEOUT
-    while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.time() < deadline, "the run never reached step 5"
-        time.sleep(0.02)
+    wait_for_step(process, stopped / "metrics.jsonl", 5)
     os.killpg(rank_process(process, 1), signal.SIGTERM)
     stdout, stderr = communicate(process)
     step = stopped_step(stdout, stopped)  # one line, rank 0's: it got no signal itself
