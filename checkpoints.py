@@ -8,7 +8,7 @@ OUT/metrics.jsonl is cut back to the checkpoint's step on resume, and stage 2's 
 written under a temporary name and renamed. SIGTERM and Ctrl-C are recorded, for the training loop
 to stop between two steps and save first. The process group is joined so that workers torchrun
 restarts form a new one, and released last at exit. cleft.py says what a checkpoint holds and loads
-it; this is how the files are written. Not the method.
+it; this is how the files are written, found (checkpoint_dir) and checked. Not the method.
 """
 
 import errno
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from checks import die
 
 MANIFEST = "manifest.json"  # {file: {bytes, sha256}} of a checkpoint folder, written last
+SPLIT_FILE = "split.safetensors"  # the patients stage 1 trained on and held out: held_out.py
 # what reading a cut, emptied or overwritten file raises: json, safetensors, torch.load (zip)
 READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, LookupError, SafetensorError)
 
@@ -49,10 +50,11 @@ class SaveFailed(Exception):
     """A checkpoint the OS refused to write; the message says which, and why."""
 
 
-def save_checkpoint(directory, model, optimizer, cfg, step, best_val_loss):
+def save_checkpoint(directory, model, optimizer, cfg, step, best_val_loss, patients=None):
     """OUT/{last,best}/ (see cleft.py), written to DIR.tmp/ and renamed: a crash while saving
-    leaves the previous one whole. A write the OS refuses (a full disk, a read-only or vanished
-    folder) removes DIR.tmp/ and raises SaveFailed. Rank 0 alone calls this."""
+    leaves the previous one whole. patients: held_out.patient_record's {'tensors', 'metadata'},
+    saved as SPLIT_FILE. A write the OS refuses (a full disk, a read-only or vanished folder)
+    removes DIR.tmp/ and raises SaveFailed. Rank 0 alone calls this."""
     directory, tmp, old = Path(directory), Path(f"{directory}.tmp"), Path(f"{directory}.old")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,6 +65,8 @@ def save_checkpoint(directory, model, optimizer, cfg, step, best_val_loss):
             model.text_tower.model.save_pretrained(tmp / "adapter")
         torch.save({"step": step, "best_val_loss": best_val_loss,
                     "optimizer": optimizer.state_dict()}, tmp / "state.pt")
+        if patients is not None:
+            save_file(patients["tensors"], tmp / SPLIT_FILE, metadata=patients["metadata"])
         seal(tmp)
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -77,14 +81,16 @@ def save_checkpoint(directory, model, optimizer, cfg, step, best_val_loss):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_on_rank_0(out_dir, names, model, optimizer, cfg, step, best_val_loss):
-    """OUT/<name>/ for each name, written by rank 0; every rank calls this and gets rank 0's
-    outcome: None, or what could not be written, why, and the step OUT/last/ still holds."""
+def save_on_rank_0(out_dir, names, model, optimizer, cfg, step, best_val_loss, patients=None):
+    """OUT/<name>/ for each name (save_checkpoint), written by rank 0; every rank calls this and
+    gets rank 0's outcome: None, or what could not be written, why, and the step OUT/last/ still
+    holds."""
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             for name in names:
-                save_checkpoint(Path(out_dir) / name, model, optimizer, cfg, step, best_val_loss)
+                save_checkpoint(Path(out_dir) / name, model, optimizer, cfg, step, best_val_loss,
+                                patients)
         except SaveFailed as failed:
             last = saved_folder(Path(out_dir) / "last")  # what a rerun resumes from
             try:
@@ -268,6 +274,16 @@ def read_saved(path, read, fix=None):
                 f"({str(error).splitlines()[0][:80]}): resume only from checkpoints of cleft.py.")
         reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:80]}"
         die(f"{path} is damaged or unreadable ({reason}): {fix or what_to_do(Path(path).parent)}.")
+
+
+def checkpoint_dir(directory):
+    """DIR (or DIR.old, if a crash hit between a save's two renames), checked against its manifest;
+    one `error:` line if it holds no checkpoint or a damaged one."""
+    folder = saved_folder(directory)
+    if folder is None:
+        die(f"no checkpoint in {directory}: pass the last/ or best/ folder of a cleft.py run.")
+    check_intact(folder)  # its files as saved (their sizes and SHA-256), or one line naming one
+    return folder
 
 
 def read_json(path):  # a checkpoint's config.json, as read_saved reads any of its files

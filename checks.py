@@ -4,11 +4,12 @@ A user's mistakes, caught before they cost a run and told in one line that names
 where a file goes or a file where a folder goes, a missing column), the --data sources and their
 folders, a resumed run whose flags change the model, a warm-up that outlasts the run, and the
 stops of a run (a loss that is not finite, an unreadable image under --strict-data). cleft.py is
-the method; this file only checks what it is given.
+the method; this file only checks what it is given. Also the --prompts file's reader.
 """
 
 import csv
 import gzip
+import json
 import math
 import os
 import sys
@@ -45,6 +46,25 @@ def write_csv(path, rows, columns):  # written whole or not at all: a temporary 
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
+
+
+def read_prompts(path, classes=None):
+    """{class: [prompt, ...]} of a --prompts JSON file (a class's prompts: a list, or one string),
+    in `classes`' order when given: then it must name each class and no other."""
+    try:
+        prompts = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        die(f"cannot read --prompts {path} ({error}): give a JSON file of class -> prompts.")
+    texts = lambda p: isinstance(p, list) and p and all(isinstance(t, str) for t in p)
+    if not isinstance(prompts, dict) or not all(isinstance(p, str) or texts(p)
+                                                for p in prompts.values()):
+        die(f"--prompts {path} is not a JSON object of class -> list of prompts (strings, one at "
+            'least): write it as {"Edema": ["... with edema", "... with pulmonary edema"], ...}.')
+    prompts = {name: [p] if isinstance(p, str) else p for name, p in prompts.items()}
+    if classes is not None and set(prompts) != set(classes):
+        die(f"--prompts {path} names the classes {sorted(prompts)}, the data's are {classes}: give "
+            "each class its prompts, under its name.")
+    return {name: prompts[name] for name in classes or prompts}
 
 
 def csv_rows(path, columns, flag="--data-root"):

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 import time
@@ -42,11 +41,12 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from grad_cache import gradient_cache_step
-from checkpoints import (StopSignals, append_metrics, check_intact, exit_code,
+from checkpoints import (StopSignals, append_metrics, checkpoint_dir, exit_code,
                          join_process_group, on_every_rank, read_json, read_saved, save_on_rank_0,
                          saved_folder, start_metrics, trained_weights)
 from checks import (check_finite, check_resume, check_schedule, check_sources, die,
                     nothing_left_to_train, read_csv, stop_if_unreadable)
+from held_out import patient_of, patient_record
 from progress import progress_bar
 from image_io import SQUARES, UNREADABLE, XrayDataset, make_loader, report_unreadable
 from report_data import CAPTIONS, caption_lengths, chexpert_plus, mimic_cxr, openi
@@ -226,11 +226,7 @@ def five_class_index(row):
     positives = [i for i, v in enumerate(values[:len(FIVE_CLASSES)]) if v == 1]
     return positives[0] if len(positives) == 1 else None
 
-def patient_id(path):
-    match = re.search(r"patient\d+", path)
-    return match.group(0) if match else path
-
-def split_by_patient(rows, fraction, key=lambda row: patient_id(row["Path"])):
+def split_by_patient(rows, fraction, key=lambda row: patient_of(row["Path"])):
     """(train, val): `fraction` of the patients, drawn with seed 0, go to val."""
     patients = sorted({key(row) for row in rows})
     random.Random(0).shuffle(patients)  # not --seed: runs with other seeds validate alike
@@ -254,8 +250,8 @@ def chexpert_rows(root, val_fraction=0.05):
     rows = [r for r in read_csv(Path(root) / "train.csv", CHEXPERT_COLUMNS)
             if r["Frontal/Lateral"] == "Frontal"]
     test = five_by_200_rows(root)
-    test_patients = {patient_id(r["Path"]) for r in test}  # by patient, not only by image
-    rows = [r for r in rows if patient_id(r["Path"]) not in test_patients]
+    test_patients = {patient_of(r["Path"]) for r in test}  # by patient, not only by image
+    rows = [r for r in rows if patient_of(r["Path"]) not in test_patients]
     train, val = split_by_patient(rows, val_fraction)
     for row in train + val:
         row["image"] = image_under(root, row["Path"])
@@ -279,7 +275,7 @@ def load_source(name, root, cfg):
         return openi(root, cfg.caption, lambda uids: split_by_patient(uids, cfg.val_fraction, str))
     if name == "chexpert-plus":  # its official split; CheXpert-5x200's patients stay out
         test = five_by_200_rows(root)
-        splits = chexpert_plus(root, cfg.caption, {patient_id(r["Path"]) for r in test})
+        splits = chexpert_plus(root, cfg.caption, {patient_of(r["Path"]) for r in test})
         return {**splits, "test": [(r["image"], five_class_index(r)) for r in test]}
     splits = chexpert_rows(root, cfg.val_fraction)
     return {"train": [(r["image"], caption_from_labels(r)) for r in splits["train"]],
@@ -553,14 +549,8 @@ def make_optimizer(model, lr, weight_decay, fused=False):
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 # --- Checkpoints: OUT/{last,best}/ = config.json, model.safetensors (trained weights only),
-# adapter/ (peft's), state.pt (step, best val loss, optimizer), manifest.json: checkpoints.py
-def checkpoint_dir(directory):  # or DIR.old, if a crash hit between a save's two renames
-    folder = saved_folder(directory)
-    if folder is None:
-        die(f"no checkpoint in {directory}: pass the last/ or best/ folder of a cleft.py run.")
-    check_intact(folder)  # its files as saved (their sizes and SHA-256), or one line naming one
-    return folder
-
+# adapter/ (peft's), state.pt (step, best val loss, optimizer), split.safetensors (the patients
+# trained on and held out: held_out.py), manifest.json; written and checked by checkpoints.py
 def load_config(directory):
     saved = read_json(checkpoint_dir(directory) / "config.json")
     return Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
@@ -620,7 +610,7 @@ def embed(model, loader, n, autocast, progress=False, encode=None):
     """(image features (n, D), targets: labels (n,) or caption features (n, D)) of an eval_batches
     loader, on every rank: each embeds its share, then they are gathered (all ranks call it).
     encode: images -> features (default model.encode_image)."""
-    device = model.logit_scale.device
+    device = next(model.parameters()).device
     encode = encode or model.encode_image
     features, targets, unreadable = [], [], []
     for images, target, skipped in progress_bar(loader, "images", disable=not progress):
@@ -648,10 +638,11 @@ def model_and_optimizer(cfg, state, device, dtype):
     print0(f"trained parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     return model, optimizer
 
-def save(names, model, optimizer, cfg, step, best_val_loss, progress):
+def save(names, model, optimizer, cfg, step, best_val_loss, patients, progress):
     """OUT/<name>/ for each name, written by rank 0; every rank calls it. A write the OS refuses
     (a full disk, a read-only or vanished folder) stops every rank with one line."""
-    if error := save_on_rank_0(cfg.out_dir, names, model, optimizer, cfg, step, best_val_loss):
+    error = save_on_rank_0(cfg.out_dir, names, model, optimizer, cfg, step, best_val_loss, patients)
+    if error:
         progress.close()
         die(f"{error}: free space there or make it writable, then run the same command to resume.")
 
@@ -663,7 +654,7 @@ def main(argv=None):
            f"{json.dumps(changed_fields(cfg))}\nworld size {world_size} on {device}, {dtype}")
     check_schedule(cfg.warmup_steps, cfg.max_steps)  # a warning if the warm-up never ends
     splits = load_splits(cfg)
-    out_dir = Path(cfg.out_dir)
+    patients = patient_record(splits, cfg)  # whom it trains on and holds out: in each checkpoint
     state = resume_state(cfg)  # None for a fresh run
     start_step = state["step"] if state else 0
     best_val_loss = state["best_val_loss"] if state else math.inf
@@ -673,7 +664,7 @@ def main(argv=None):
     print0(caption_lengths(splits, model.text_tower.tokenizer, cfg.max_length))
     device_ids = None if device.type == "cpu" else [device.index]  # DDP trains, the model is saved
     ddp_model = DistributedDataParallel(model, device_ids) if world_size > 1 else model
-    metrics = out_dir / "metrics.jsonl"
+    metrics = Path(cfg.out_dir) / "metrics.jsonl"
     if rank == 0:  # on resume, the lines after the checkpoint go: those steps run again
         start_metrics(metrics, start_step if state else None)
     progress = progress_bar(total=cfg.max_steps, initial=start_step, desc="train")  # rank 0's
@@ -689,12 +680,12 @@ def main(argv=None):
         if due and not just_resumed:
             record = {"step": step, **validate(model, val_loader, test_loader, autocast,
                                                cfg.batch_size)}
-            check_finite(record["val_loss"], "validation loss", step, out_dir, progress)
+            check_finite(record["val_loss"], "validation loss", step, cfg.out_dir, progress)
             log(metrics, record, " | ".join(f"{k} {round(v, 4)}" for k, v in record.items()))
             improved = record["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, record["val_loss"])
             names = (["best"] if improved else []) + ["last"]  # best/ if the val loss improved
-            save(names, model, optimizer, cfg, step, best_val_loss, progress)
+            save(names, model, optimizer, cfg, step, best_val_loss, patients, progress)
             losses = []  # a log line averages the steps since: resumed runs log the same
             window_start = time.time()
         # SIGTERM or Ctrl-C on any rank: all stop at this step (the last step needs no agreement)
@@ -725,7 +716,7 @@ def main(argv=None):
         progress.update(1)
         if (step + 1) % cfg.log_every == 0:  # the host reads the loss here only
             mean_loss = sum(on_every_rank(sum(losses).item())) / world_size / len(losses)
-            check_finite(mean_loss, "loss", step, out_dir, progress)
+            check_finite(mean_loss, "loss", step, cfg.out_dir, progress)
             record = {"step": step + 1, "loss": mean_loss, "lr": lr,
                       "logit_scale": model.logit_scale.exp().item(),
                       "images_per_s": cfg.batch_size * len(losses) / (time.time() - window_start)}
@@ -735,15 +726,15 @@ def main(argv=None):
             window_start = time.time()
     progress.close()
     if stopped_by and not due:  # last/ at this step, without validation (unless just saved)
-        save(["last"], model, optimizer, cfg, step, best_val_loss, progress)
+        save(["last"], model, optimizer, cfg, step, best_val_loss, patients, progress)
     stop.restore()  # after the save: a second signal does not interrupt it
     if UNREADABLE:
         print0(f"skipped in this run: {len(UNREADABLE)} unreadable image(s), each named above")
     if stopped_by:
-        print0(f"stopped by {signal.Signals(stopped_by).name} at step {step}: {out_dir / 'last'} "
-               "holds it; run the same command to resume.")
+        print0(f"stopped by {signal.Signals(stopped_by).name} at step {step}: "
+               f"{Path(cfg.out_dir) / 'last'} holds it; run the same command to resume.")
     else:
-        print0(f"done: best validation loss {best_val_loss:.4f}; checkpoints in {out_dir}")
+        print0(f"done: best validation loss {best_val_loss:.4f}; checkpoints in {cfg.out_dir}")
     return 128 + stopped_by if stopped_by else 0  # 143 after SIGTERM: a stop to resume, no error
 
 if __name__ == "__main__":

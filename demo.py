@@ -1,9 +1,9 @@
 """
 The offline demo. `python demo.py` writes a synthetic dataset in CheXpert's exact layout and tiny
-random models of the paper's architectures (GPT-2 with a byte-level tokenizer, DINOv2, and BERT for
-the Med-CLIP preset) as ordinary save_pretrained folders, then runs stage 1, stage 2 and the
-evaluation on them: the same code, and the same loading, as real data and models. No network, no
-download; a few minutes on a CPU.
+random models of the paper's architectures (GPT-2 with a byte-level tokenizer, DINOv2, BERT for
+the Med-CLIP preset, and CLIP for a baseline row) as ordinary save_pretrained folders, then runs
+stage 1, stage 2 and the evaluation on them: the same code, and the same loading, as real data and
+models. No network, no download; a few minutes on a CPU.
 
     python demo.py    # writes data/demo/ and data/tiny-*/ once; trains into runs/demo/
 
@@ -142,18 +142,31 @@ TINY = {  # folder name -> (transformers model type, config)
                                    mlp_ratio=2, image_size=112, patch_size=14)),
     "tiny-bert": ("bert", dict(vocab_size=260, hidden_size=64, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=128, pad_token_id=259)),
+    # the CLIP-ViT baseline row: CLIP's two towers, pooled at the end-of-text token (id 256)
+    "tiny-clip": ("clip", dict(projection_dim=32, text_config=dict(
+        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=256, bos_token_id=256, eos_token_id=256,
+        pad_token_id=256), vision_config=dict(hidden_size=96, intermediate_size=192,
+                                              num_hidden_layers=3, num_attention_heads=4,
+                                              image_size=112, patch_size=14))),
 }
 
 
-def tiny_tokenizer(bert=False):
+def tiny_tokenizer(model_type="gpt2"):
     """A byte-level tokenizer (256 bytes + EOS) that encodes any text and needs no download.
-    bert=True adds BERT's [CLS] caption [SEP] framing and a [PAD] token."""
+    bert adds BERT's [CLS] caption [SEP] framing and a [PAD] token; clip ends every text with the
+    EOS, as CLIP's tokenizer does, and pads with it."""
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    if not bert:
+    if model_type == "clip":
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 256)])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                       pad_token="<|endoftext|>")
+    if model_type != "bert":
         return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
     tokenizer.add_special_tokens(["[CLS]", "[SEP]", "[PAD]"])  # ids 257, 258, 259
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -176,7 +189,7 @@ def save_tiny_models(folder):
             model = AutoModel.from_config(AutoConfig.for_model(model_type, **kwargs))
         model.save_pretrained(tmp)
         if model_type != "dinov2":
-            tiny_tokenizer(bert=model_type == "bert").save_pretrained(tmp)
+            tiny_tokenizer(model_type).save_pretrained(tmp)
         os.replace(tmp, target)
 
 

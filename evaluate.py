@@ -1,13 +1,16 @@
 """Evaluate a CLEFT checkpoint as the paper does (Tables 1 and 2: zero-shot, linear probe,
 fine-tune, and data efficiency with 1%, 10% or 100% of the training split), plus image-text
-retrieval (its future work). Prints a Markdown table in the layout of the paper's Table 1 and
-writes results.json.
+retrieval (its future work); or, without a checkpoint, the paper's baseline rows (baselines.py).
+Prints a Markdown table in the layout of the paper's Table 1 and writes results.json; --compare
+sets the paper's published values beside ours (tables.py).
 
     python evaluate.py --ckpt RUN/best --prompt RUN/best/prompt.safetensors \\
         --data chexpert5x200 --data-root /data/chexpert --task all
     python evaluate.py --ckpt RUN/best --data rsna --data-root /data/rsna --task linear \\
         --data-pct 0.01
     python evaluate.py --ckpt RUN/best --data embed-birads --data-root /data/embed --task zeroshot
+    python evaluate.py --vision-model facebook/dinov2-base --data rsna --data-root /data/rsna
+    python evaluate.py --compare RUN/best/results_rsna.json runs/baselines/*.json
 """
 
 import copy
@@ -22,18 +25,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from baselines import load_baseline
 from checkpoints import load_prompt
-from checks import write_csv
-from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, TrainBatches, arg,
+from checks import read_prompts, write_csv
+from held_out import check_test, stage_1_split
+from cleft import (CAPTION_PREFIX, CHEXPERT_COLUMNS, FIVE_CLASSES, Config, TrainBatches, arg,
                    autocast_for, caption_from_labels, chexpert_rows, die, embed,
                    eval_batches, five_class_index, get_lr, load_config, load_model, make_loader,
                    make_optimizer, parse_config, print0, read_csv, split_by_patient)
 from progress import progress_bar
 from image_io import XrayDataset
+from mammography import BIRADS, DENSITY, MAMMOGRAM_PREFIX, embed_records, export_embed
 from metrics import accuracy, auc, recall_at_k, resample_counts, summary
-from predict import class_features, zero_shot_probabilities
+from predict import class_features, ensemble_features, zero_shot_probabilities
 from prompt_tune import labelled_splits
 from report_data import retrieval_pairs
+from tables import comparison, markdown_table
 
 # --- Config
 DATASETS = ["chexpert", "chexpert5x200", "rsna", "embed-birads", "embed-density", "csv",
@@ -42,7 +49,11 @@ TASKS = ["zeroshot", "linear", "finetune", "retrieval"]
 
 @dataclass
 class EvalConfig:
-    ckpt: str = arg("", "stage-1 checkpoint folder, e.g. runs/cleft/best (required)")
+    ckpt: str = arg("", "stage-1 checkpoint folder, e.g. runs/cleft/best (or --vision-model)")
+    vision_model: str = arg("", "no --ckpt: a baseline's image model, hub id or folder (a CLIP "
+                            "one with its text tower)")
+    random_init: bool = arg(False, "--vision-model's architecture, weights drawn with --seed")
+    image_size: int = arg(0, "no --ckpt: the input side (0: 224, or a CLIP model's own)")
     prompt: str = arg("", "stage-2 context file for zero-shot (default: the hand-written prompt)")
     data: str = arg("chexpert", "dataset (chexpert and chexpert5x200 are the same)", DATASETS)
     data_root: str = arg("", "the dataset's folder, or the CSV file for --data csv")
@@ -54,7 +65,8 @@ class EvalConfig:
     rsna_split: str = arg("balanced", "balanced: the paper's 1:1 subset; gloria: GLoRIA/MGCA's "
                           "unbalanced 70/15/15", ["balanced", "gloria"])
     classes: str = arg("", "--data csv: comma-separated class names, as in the label column")
-    prompts: str = arg("", "--data csv: ';'-separated zero-shot prompts, one per class")
+    prompts: str = arg("", "a JSON file of class -> list of zero-shot prompts (an ensemble); "
+                       "--data csv also takes 'p1; p2', one prompt per class")
     batch_size: int = arg(36, "linear probe / fine-tune batch (paper: 36)")
     lr: float = arg(5e-4, "linear probe / fine-tune learning rate, AdamW (paper: 5e-4)")
     weight_decay: float = arg(1e-3, "linear probe / fine-tune weight decay (paper: 1e-3)")
@@ -67,8 +79,11 @@ class EvalConfig:
     num_workers: int = arg(-1, "data-loading processes (-1: the CPU cores, less one)")
     val_fraction: float = arg(0.05, "CheXpert, csv: share of patients held out (as stage 1)")
     dtype: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
-    out: str = arg("", "results file (default: CKPT/results_DATA.json)")
+    out: str = arg("", "results file (default: CKPT/results_DATA.json; --compare: comparison.md)")
     export: str = arg("", "EMBED: also write the train/val captions and labels to this CSV")
+    allow_overlap: bool = arg(False, "go on if test images are of patients stage 1 trained on")
+    compare: bool = arg(False, "print the paper's Table 1 or 2 beside the results files given")
+    results: list = arg((), "--compare: results files written by evaluate.py")
 
 # --- Datasets: classes, their hand-written prompts, splits of (path, class), paired captions
 @dataclass
@@ -108,8 +123,10 @@ def chexpert5x200_data(cfg):
     if dropped := len(read_csv(root / "chexpert_5x200.csv", ["Path"])) - len(splits["test"]):
         print0(f"note: {dropped} rows of chexpert_5x200.csv break the 5x200 rule (an uncertain -1, "
                "two of the classes, or another finding present) and are left out")
-    val = chexpert_rows(root, cfg.val_fraction)["val"]
-    pairs = [(r["image"], caption_from_labels(r)) for r in val]
+    rows = chexpert_rows(root, cfg.val_fraction)
+    captioned = {name: [(r["image"], caption_from_labels(r)) for r in rows[name]]
+                 for name in ("train", "val")}
+    pairs = stage_1_split({**captioned, "test": []}, cfg.ckpt)["val"]  # stage 1's held-out ones
     texts = [name.lower() for name in FIVE_CLASSES]
     return EvalData(FIVE_CLASSES, [CAPTION_PREFIX + t for t in texts], texts, splits, pairs)
 
@@ -165,41 +182,6 @@ def rsna_data(cfg):
     texts = ["no finding", "pneumonia"]  # the public code's "pneumothorax" here is a bug
     return EvalData(["Normal", "Pneumonia"], [CAPTION_PREFIX + t for t in texts], texts, splits)
 
-MAMMOGRAM_PREFIX = "this is a breast 2d full-field digital mammogram of a patient with "
-BIRADS = {"A": "birads score 0: additional imaging required", "N": "birads score 1: negative",
-          "B": "birads score 2: benign finding", "P": "birads score 3: probably benign finding",
-          "S": "birads score 4: suspicious abnormality",
-          "M": "birads score 5: highly suggestive of malignancy",
-          "K": "birads score 6: known biopsy-proven malignancy"}
-DENSITY = {"1": "breast tissue density 1: almost entirely fat",
-           "2": "breast tissue density 2: scattered fibroglandular densities",
-           "3": "breast tissue density 3: heterogeneously dense",
-           "4": "breast tissue density 4: extremely dense"}
-
-def embed_records(root):
-    """2D images of EMBED_OpenData_metadata.csv with the exam's BI-RADS (`asses`) and density
-    (`tissueden`; 5, 'normal male', left out) from EMBED_OpenData_clinical.csv, joined on patient,
-    exam and side (side B covers both), split by patient 70% train / 10% val / 20% rest (seed 0)."""
-    clinical, records = {}, []
-    for row in read_csv(root / "EMBED_OpenData_clinical.csv",
-                        ["empi_anon", "acc_anon", "side", "asses", "tissueden"]):
-        density = row["tissueden"].split(".")[0]  # written as 3.0 in some releases
-        for side in ("L", "R") if row["side"] == "B" else (row["side"],):
-            labels = clinical.setdefault((row["empi_anon"], row["acc_anon"], side), {})
-            labels.update({k: v for k, v in [("birads", row["asses"]), ("density", density)]
-                           if v in (BIRADS if k == "birads" else DENSITY)})
-    for row in read_csv(root / "EMBED_OpenData_metadata.csv",
-                        ["empi_anon", "acc_anon", "ImageLateralityFinal", "FinalImageType",
-                         "anon_dicom_path"]):
-        labels = clinical.get((row["empi_anon"], row["acc_anon"], row["ImageLateralityFinal"]))
-        if row["FinalImageType"] == "2D" and labels:
-            path = row.get("png_path") or row["anon_dicom_path"]
-            records.append({"image": str(root / path.lstrip("/")), "patient": row["empi_anon"],
-                            **labels})
-    train, rest = split_by_patient(records, 0.3, key=lambda r: r["patient"])
-    val, rest = split_by_patient(rest, 2 / 3, key=lambda r: r["patient"])
-    return {"train": train, "val": val, "rest": rest}
-
 def embed_data(cfg):
     """EMBED BI-RADS or density: train and val images of embed_records; the test set is balanced
     and drawn from the other 20% (seed 0): BI-RADS 7 classes x 200, density 4 x 500 (the paper)."""
@@ -222,21 +204,6 @@ def embed_data(cfg):
         export_embed(parts, task, labels, Path(cfg.export))
     return EvalData(keys, [MAMMOGRAM_PREFIX + t for t in texts], texts, splits)
 
-def export_embed(parts, task, labels, out):
-    """A CSV of the train and val images (never the test part) for cleft.py --data csv and
-    prompt_tune.py --data csv: image (relative to the file), text (a caption from both labels, in
-    the prompts' wording), label (this task's class text, or blank), split."""
-    rows = []
-    for split in ("train", "val"):
-        for r in parts[split]:
-            caption = ", ".join(t[r[k]] for k, t in [("birads", BIRADS), ("density", DENSITY)]
-                                if k in r)
-            rows.append({"image": os.path.relpath(r["image"], out.parent), "split": split,
-                         "text": MAMMOGRAM_PREFIX + caption, "label": labels.get(r.get(task), "")})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(out, rows, ["image", "text", "label", "split"])
-    print0(f"wrote {out}: {len(rows)} train and val images with captions and {task} labels")
-
 def csv_data(cfg):
     """Any dataset: a CSV with image and label columns (paths relative to it), an optional split
     column (train/val/test; else 70/15/15 by image, seed 0) and an optional text column."""
@@ -258,8 +225,9 @@ def csv_data(cfg):
                      if r["split"] == name] for name in ("train", "val", "test")}
     pairs = [(str(root / r["image"]), r["text"]) for r in rows
              if r["split"] == "test" and r.get("text")]
-    prompts = ([p.strip() for p in cfg.prompts.split(";")] if cfg.prompts
-               else [CAPTION_PREFIX + c.lower() for c in classes])
+    prompts = [CAPTION_PREFIX + c.lower() for c in classes]  # a .json file: read in zero_shot
+    if cfg.prompts and not cfg.prompts.endswith(".json"):
+        prompts = [p.strip() for p in cfg.prompts.split(";")]
     if len(prompts) != len(classes):
         die(f"--prompts has {len(prompts)} entries for {len(classes)} classes: give one prompt "
             "per class, ';'-separated.")
@@ -282,13 +250,14 @@ def subset(records, fraction, seed):
     return [records[i] for i in sorted(keep[:max(1, round(fraction * len(records)))])]
 
 # --- Tasks
-def dataset_of(records, ckpt):  # images as stage 1 saw them: size, square, image cache
-    return XrayDataset.as_trained(records, load_config(ckpt))
+def dataset_of(records, cfg):  # images as stage 1 saw them (size, square, cache); a baseline's size
+    return XrayDataset.as_trained(records, load_config(cfg.ckpt) if cfg.ckpt
+                                  else Config(image_size=cfg.image_size))
 
 def features_of(model, records, cfg, device, autocast, encode=None):
     """(features, labels) of (path, class) records, evaluation view, computed once."""
     batches = eval_batches(len(records), 64)
-    loader = make_loader(dataset_of(records, cfg.ckpt), batches, cfg.num_workers, device)
+    loader = make_loader(dataset_of(records, cfg), batches, cfg.num_workers, device)
     features, labels = embed(model, loader, len(records), autocast, True, encode)
     return features, labels.cpu().numpy()
 
@@ -301,14 +270,21 @@ def scores(runs, labels, classes):
         return {**accuracies, "auc": None, "auc_undefined": f"no test image of {absent}"}
     return {**accuracies, **summary("auc", np.stack([auc(p, labels, counts) for p in runs]))}
 
+def prompts_of(data, cfg):  # {class: [hand-written prompts]}: the data's one each, or a file's
+    if cfg.prompts.endswith(".json"):
+        return read_prompts(cfg.prompts, data.classes)
+    return {name: [prompt] for name, prompt in zip(data.classes, data.prompts)}
+
 @torch.no_grad()
 def zero_shot(model, data, cfg, device, autocast):
-    """argmax over classes of scale * cos(image, prompt); with --prompt, the learned context."""
-    context = None
-    if cfg.prompt:  # the learned context; the classes are the data set's
-        context, _ = load_prompt(cfg.prompt)
+    """argmax over classes of scale * cos(image, prompt); a class's several prompts: the mean of
+    their features; with --prompt, the learned context."""
     with autocast:  # (C, D)
-        classes = class_features(model, data.class_texts if cfg.prompt else data.prompts, context)
+        if cfg.prompt:  # the learned context; the classes are the data set's
+            context, _ = load_prompt(cfg.prompt)
+            classes = class_features(model, data.class_texts, context)
+        else:
+            classes = ensemble_features(model, list(prompts_of(data, cfg).values()))
     image_features, labels = features_of(model, data.splits["test"], cfg, device, autocast)
     probabilities = zero_shot_probabilities(model, image_features, classes).cpu().numpy()
     return scores([probabilities], labels, data.classes)
@@ -358,7 +334,6 @@ def linear_probe(model, data, cfg, device, autocast, train):
 def fine_tune(model, data, cfg, device, autocast, train):
     """The image tower and a linear head trained end to end on augmented training images."""
     tower = copy.deepcopy(model.image_tower).train().requires_grad_(True)  # the checkpoint stays
-    tower.model.embeddings.mask_token.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     head = nn.Linear(tower.width, len(data.classes)).to(device)
 
@@ -366,8 +341,8 @@ def fine_tune(model, data, cfg, device, autocast, train):
         features = tower(images).float()
         with torch.autocast(device.type, enabled=False):
             return head(features)
-    train_set = dataset_of(train, cfg.ckpt)
-    val_set = dataset_of(data.splits["val"], cfg.ckpt)
+    train_set = dataset_of(train, cfg)
+    val_set = dataset_of(data.splits["val"], cfg)
     batches = TrainBatches(len(train), min(cfg.batch_size, len(train)), cfg.seed)
     loader = iter(make_loader(train_set, batches, cfg.num_workers, device, persistent=True))
     val_loader = make_loader(val_set, eval_batches(len(val_set), 64), cfg.num_workers, device)
@@ -412,50 +387,43 @@ def retrieval(model, data, cfg, device, autocast):
             results.update(summary(f"{direction}_{name}", values[None]))
     return results
 
-# --- Results: results.json and a Markdown table in the layout of the paper's Table 1
-def cell(results, key):  # '66.74 (63.80-69.60)', the sd after the value with several seeds
-    if not results:
-        return "-"
-    if results[key] is None:  # undefined: the table's note says why
-        return "n/a"
-    low, high = results[f"{key}_ci95"]
-    sd = f" ± {results[f'{key}_sd']:.2f}" if f"{key}_sd" in results else ""
-    return f"{results[key]:.2f}{sd} ({low:.2f}-{high:.2f})"
-
-def markdown_table(report):
-    r = report["results"]
-    prompt = ", learned prompt" if report["prompt"] else ""
-    name = f"CLEFT ({Path(report['checkpoint']).parent.name}{prompt})"
-    cells = [cell(r.get(task), metric) for task in TASKS[:3] for metric in ("acc", "auc")]
-    seeds = report["seeds"]
-    over_seeds = f"; LP and FT: mean ± sd over seeds {seeds}" if len(seeds) > 1 else ""
-    lines = [f"{report['dataset']}, {report['data_pct']:.0%} of the training data{over_seeds}; "
-             "95% bootstrap intervals in parentheses",
-             "| Method | ZS-Acc | ZS-AUC | LP-Acc | LP-AUC | FT-Acc | FT-AUC |",
-             "|---|---|---|---|---|---|---|", f"| {name} | " + " | ".join(cells) + " |"]
-    reasons = {task["auc_undefined"] for task in r.values() if task and "auc_undefined" in task}
-    lines += [f"n/a: AUC is undefined, {reason}" for reason in reasons]  # the same for every task
-    if r.get("retrieval"):
-        keys = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-        lines += ["", "| Retrieval | I2T R@1 | I2T R@5 | I2T R@10 | T2I R@1 | T2I R@5 | T2I R@10 |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {name} | " + " | ".join(cell(r["retrieval"], k) for k in keys) + " |"]
-    return "\n".join(lines)
+def results_file(cfg, row):  # CKPT/results_DATA.json; a baseline's: runs/baselines/ROW_DATA.json
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.ckpt:
+        return Path(cfg.ckpt) / f"results_{cfg.data}.json"
+    return Path("runs", "baselines", f"{row.lower()}_{cfg.data}.json")
 
 def main(argv=None):
     cfg = parse_config(argv, EvalConfig, __doc__)
-    if not cfg.ckpt and not cfg.export:
-        die("--ckpt is required: the best/ (or last/) folder of a cleft.py run.")
+    if cfg.compare:  # the paper's published values beside results files already written
+        table = comparison(cfg.results)
+        out = Path(cfg.out or "comparison.md")
+        out.write_text(table + "\n")
+        print0(f"{table}\n\nwritten to {out}")
+        return
+    # --export, or --build-5x200 alone (before stage 1): the files are written, nothing evaluated
+    writes_only = cfg.export or (cfg.build_5x200 and not (cfg.ckpt or cfg.vision_model))
+    if bool(cfg.ckpt) == bool(cfg.vision_model) and not writes_only:
+        die("pass --ckpt, the best/ (or last/) folder of a cleft.py run, or --vision-model for a "
+            "baseline row (README: Evaluation), one of the two.")
     if cfg.prompt and not Path(cfg.prompt).is_file():
         die(f"no prompt file at {cfg.prompt}: run prompt_tune.py first, or drop --prompt to use "
             "the hand-written prompts.")
+    if cfg.prompt and (cfg.vision_model or cfg.prompts):
+        die("--prompt is a CLEFT checkpoint's learned context: it takes no --vision-model and no "
+            "--prompts (hand-written ones); drop one.")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         die("evaluate.py runs in one process, on one GPU: start it with python, not torchrun.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype, autocast = autocast_for(cfg.dtype, device)
     data = load_data(cfg)
-    if cfg.export:  # written by load_data; nothing to evaluate
+    if writes_only:  # written by load_data
         return
+    prompts = prompts_of(data, cfg) if data.classes and not cfg.prompt else None  # checked early
+    # test images and retrieval pairs of patients stage 1 trained on: one line, or a count
+    overlap = check_test(data.splits["test"] + data.pairs, cfg.ckpt, cfg.allow_overlap,
+                         "evaluate.py")
     seeds = [int(seed) for seed in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
     train = subset(data.splits["train"], cfg.data_pct, seeds[0])  # each seed's is as large
     print0(f"{cfg.data}: {len(train)} train ({cfg.data_pct:.0%}), {len(data.splits['val'])} val, "
@@ -467,10 +435,25 @@ def main(argv=None):
             die(f"the {name} split of {cfg.data} is empty: check --data-root.")
     if not data.classes and cfg.task not in ("all", "retrieval"):
         die(f"--data {cfg.data} has reports and no labels: only --task retrieval applies to it.")
-    model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
-    results = {}
+    if cfg.ckpt:
+        model, row = load_model(cfg.ckpt), "CLEFT"
+        source = cfg.ckpt
+    else:  # a baseline row: Random-ViT, ImageNet-ViT or CLIP-ViT
+        model, row = load_baseline(cfg.vision_model, cfg.random_init, cfg.seed)
+        weights = f", random weights (seed {cfg.seed})" if cfg.random_init else ""
+        source = cfg.vision_model + weights
+        cfg = replace(cfg, image_size=cfg.image_size or getattr(model.image_tower, "side", 224))
+    model = model.to(device).eval().requires_grad_(False)
     tasks = TASKS if cfg.task == "all" else [cfg.task]
-    for task in tasks if data.classes else ["retrieval"]:  # report pairs: retrieval alone
+    if not data.classes:  # report pairs: retrieval alone
+        tasks = ["retrieval"]
+    if not hasattr(model, "encode_text"):  # an image tower alone: no zero-shot, no retrieval
+        tasks = [task for task in tasks if task in ("linear", "finetune")]
+        if not tasks:
+            die(f"{row} is an image tower without a text tower: --task linear or finetune applies "
+                "to it (a CLIP model has zero-shot and retrieval too).")
+    results = {}
+    for task in tasks:
         print0(f"{task} ...")
         if task in ("linear", "finetune"):
             run = linear_probe if task == "linear" else fine_tune
@@ -489,10 +472,13 @@ def main(argv=None):
                 "text column).")
     counts = {"train": len(train), "val": len(data.splits["val"]),
               "test": len(data.splits["test"]), "pairs": len(data.pairs)}
-    report = {"dataset": cfg.data, "checkpoint": str(cfg.ckpt), "prompt": cfg.prompt or None,
+    report = {"dataset": cfg.data, "model": {"row": row, "source": source},
+              "checkpoint": cfg.ckpt or None, "prompt": cfg.prompt or None, "prompts": prompts,
+              "test_images_trained_on": overlap,
               "data_pct": cfg.data_pct, "seeds": seeds, "n_images": counts, "results": results,
               "config": asdict(cfg)}
-    out = Path(cfg.out or Path(cfg.ckpt) / f"results_{cfg.data}.json")
+    out = results_file(cfg, row)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print0(markdown_table(report) + f"\n\nwritten to {out}")
 

@@ -5,6 +5,7 @@ comes from. Inputs: image files (JPEG, PNG, DICOM), folders, or CSVs with an `im
     python predict.py --ckpt runs/demo/best data/demo/valid --out preds.csv --heatmap maps
     python predict.py --ckpt RUN/best --prompt RUN/best/prompt.safetensors my_xrays/
     python predict.py --ckpt RUN/best --classes "Edema,Pneumothorax" --multi-label scans.csv
+    python predict.py --ckpt RUN/best --prompts prompts.json my_xrays/   # prompt ensembles
 """
 
 import csv
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from checkpoints import load_prompt
+from checks import read_prompts
 from cleft import (CAPTION_PREFIX, FIVE_CLASSES, arg, autocast_for, die, eval_batches, load_config,
                    load_model, make_loader, parse_config, print0, read_csv)
 from progress import progress_bar
@@ -28,6 +31,7 @@ class PredictConfig:
     ckpt: str = arg("", "stage-1 checkpoint folder, e.g. runs/cleft/best (required)")
     prompt: str = arg("", "stage-2 context file: its learned prompt and its classes")
     classes: str = arg(",".join(FIVE_CLASSES), "comma-separated class names")
+    prompts: str = arg("", "JSON file of class -> list of prompts (an ensemble; its classes)")
     multi_label: bool = arg(False, "each class against 'no <class>' on its own, not one of all")
     out: str = arg("", "CSV to write: image, prediction, one probability column per class")
     heatmap: str = arg("", "folder for each image's exact score maps (.npz) and overlay (.png)")
@@ -41,6 +45,18 @@ def class_features(model, texts, context=None):
         return model.encode_text(texts)
     device = model.logit_scale.device
     return PromptLearner(model, texts, context=context.to(device)).class_features(model)
+
+@torch.no_grad()
+def ensemble_features(model, prompts):
+    """(C, D) unit vectors from each class's list of hand-written prompts: the normalised mean of
+    their features, unit vectors themselves (CLIP's prompt ensembling). One prompt per class gives
+    its feature as it is, from the one call class_features makes."""
+    texts = [text for class_prompts in prompts for text in class_prompts]
+    features = model.encode_text(texts)  # (P, D), unit length
+    if len(texts) == len(prompts):
+        return features
+    per_class = features.split([len(class_prompts) for class_prompts in prompts])
+    return torch.stack([F.normalize(f.mean(dim=0), dim=-1) for f in per_class])  # (C, D)
 
 def zero_shot_probabilities(model, image_features, class_features):  # (B, C), fp32
     """evaluate.py's zero-shot rule: the softmax over the classes of scale * cos(image, class)."""
@@ -83,20 +99,30 @@ def main(argv=None):
         die("pass --ckpt, a cleft.py checkpoint folder, and one or more images, folders or CSVs.")
     if cfg.prompt and not Path(cfg.prompt).is_file():
         die(f"no prompt file at {cfg.prompt}: run prompt_tune.py first, or drop --prompt.")
+    if cfg.prompts and (cfg.prompt or cfg.multi_label):  # a learned context; 'no <class>' pairs
+        die("--prompts replaces the hand-written prompts; --prompt and --multi-label bring their "
+            "own: pass one of them.")
     if missing := [item for item in cfg.images if not Path(item).exists()]:
         die(f"{missing[0]} does not exist: pass existing image files, folders or CSVs.")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would repeat all of it
         die("predict.py runs in one process, on one GPU: start it with python, not torchrun.")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, autocast = autocast_for("auto", device)  # bf16 on a GPU
-    model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
     classes = [c.strip() for c in cfg.classes.split(",")]
     context = None
     if cfg.prompt:  # its learned context, and the classes it was learned for
         context, classes = load_prompt(cfg.prompt)
     prefix = "" if cfg.prompt else CAPTION_PREFIX  # a learned context replaces the caption
+    prompts = {c: [prefix + c.lower()] for c in classes}  # a prompt per class
+    if cfg.prompts:  # the file's classes, each with its list of prompts
+        prompts = read_prompts(cfg.prompts)
+        classes = list(prompts)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, autocast = autocast_for("auto", device)  # bf16 on a GPU
+    model = load_model(cfg.ckpt).to(device).eval().requires_grad_(False)
     with autocast:  # (C, D) each
-        positive = class_features(model, [prefix + c.lower() for c in classes], context)
+        if context is None:  # hand-written: one prompt per class, or an ensemble
+            positive = ensemble_features(model, list(prompts.values()))
+        else:
+            positive = class_features(model, [c.lower() for c in classes], context)
         negatives = [prefix + "no " + c.lower() for c in classes]  # --multi-label's
         negative = class_features(model, negatives, context) if cfg.multi_label else None
 

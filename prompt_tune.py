@@ -21,6 +21,7 @@ from cleft import (CAPTION_PREFIX, FINDINGS, FIVE_CLASSES, EncoderTextTower, arg
                    changed_fields, check_schedule, chexpert_rows, die, embed, eval_batches,
                    five_class_index, get_lr, load_config, load_model, log, make_loader,
                    parse_config, print0, read_csv, setup_distributed, split_by_patient)
+from held_out import check_test, stage_1_split
 from progress import progress_bar
 from image_io import XrayDataset
 from metrics import paired_gain
@@ -43,25 +44,26 @@ class PromptConfig:
     dtype: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
     seed: int = arg(42, "seed for the random context tokens and the batches")
     num_workers: int = arg(-1, "loader processes per rank, for the image features (-1: auto)")
-    val_fraction: float = arg(0.05, "share of patients held out to pick the context (as stage 1)")
+    val_fraction: float = arg(0.05, "share of patients held out if CKPT has no record of stage 1's")
+    allow_overlap: bool = arg(False, "go on if test images are of patients stage 1 trained on")
     out: str = arg("", "output file (default: CKPT/prompt.safetensors); a .jsonl log beside it")
 
 FEATURE_BATCH = 32  # images a rank embeds at once
 
 # --- Data: images positive for exactly one of the classes
-def single_positive(row, classes):  # the one class of `classes` the row is 1.0 for, or None
-    positives = [i for i, name in enumerate(classes) if row.get(name) in ("1", "1.0")]
-    return positives[0] if len(positives) == 1 else None
+def labelled(rows, classes):  # (image, class index) of the rows 1.0 for exactly one of `classes`
+    positives = [[i for i, name in enumerate(classes) if r[name] in ("1", "1.0")] for r in rows]
+    return [(r["image"], found[0]) for r, found in zip(rows, positives) if len(found) == 1]
 
 def labelled_splits(cfg, classes):
-    """{'train', 'val', 'test'}: (image, class index); CheXpert: stage 1's patient split."""
+    """{'train', 'val', 'test'}: (image, class index). val: the patients stage 1 held out, as its
+    checkpoint records them (held_out.py); without a record, --val-fraction of the patients."""
     if cfg.data == "csv":  # rows with a blank label are left out; a split column is kept
         rows = read_csv(cfg.data_root, ["image", "label"])  # one row at least
         has_split = "split" in rows[0]  # else --val-fraction of the images held out
         rows = [r for r in rows if r["label"]]
         if unknown := sorted({r["label"] for r in rows} - set(classes)):
-            die(f"{cfg.data_root} has labels {unknown[:5]} that are not in --classes: list every "
-                "class name.")
+            die(f"{cfg.data_root} has labels {unknown[:5]} that --classes lacks: list every class.")
         if not has_split:
             _, held_out = split_by_patient(rows, cfg.val_fraction, key=lambda r: r["image"])
             for row in held_out:
@@ -69,17 +71,14 @@ def labelled_splits(cfg, classes):
         pairs = lambda name: [(str(Path(cfg.data_root).parent / r["image"]),
                                classes.index(r["label"])) for r in rows
                               if r.get("split", "train") == name]
-        return {"train": pairs("train"), "val": pairs("val"), "test": []}
+        return stage_1_split({"train": pairs("train"), "val": pairs("val"), "test": []}, cfg.ckpt)
     if missing := [name for name in classes if name not in FINDINGS]:
-        die(f"--classes {missing} are not CheXpert label columns: use names from the train.csv "
-            "header.")
+        die(f"--classes {missing} are not CheXpert label columns: use names in train.csv's header.")
     splits = chexpert_rows(cfg.data_root, cfg.val_fraction)
-    def labelled(rows):  # the images positive for exactly one of the classes
-        pairs = [(r["image"], single_positive(r, classes)) for r in rows]
-        return [(image, label) for image, label in pairs if label is not None]
     test = [(r["image"], classes.index(FIVE_CLASSES[five_class_index(r)])) for r in splits["test"]
             if set(classes) == set(FIVE_CLASSES)]  # the 5x200 test set, its classes in any order
-    return {"train": labelled(splits["train"]), "val": labelled(splits["val"]), "test": test}
+    return stage_1_split({"train": labelled(splits["train"], classes),
+                          "val": labelled(splits["val"], classes), "test": test}, cfg.ckpt)
 
 # --- The prompt learner (paper section 2.2, in the style of CoOp)
 class PromptLearner(nn.Module):
@@ -150,6 +149,7 @@ def main(argv=None):
            f"world size {world_size} on {device}, {dtype}")
     check_schedule(cfg.warmup_steps, cfg.max_steps)
     splits = labelled_splits(cfg, classes)
+    check_test(splits["test"], cfg.ckpt, cfg.allow_overlap, "prompt_tune.py")  # a leak: one line
     if not (splits["train"] and splits["val"]):
         die(f"no train or no val image is positive for exactly one of {classes}: check "
             "--data-root and --classes.")

@@ -16,7 +16,8 @@ written = []
 
 
 def save_file(tensors, path, *args, **kwargs):  # best/ and last/ at step 0 fit, then none
-    written.append(path)
+    if Path(path).name == "model.safetensors":  # one a checkpoint (split.safetensors: another)
+        written.append(path)
     if len(written) > 2:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     real_save_file(tensors, path, *args, **kwargs)

@@ -104,7 +104,7 @@ def test_chexpert_splits(demo_root):
             path.endswith("_frontal.jpg") and Path(path).exists() for path, _ in splits[name]
         )
         assert all(caption.startswith(cleft.CAPTION_PREFIX) for _, caption in splits[name])
-    patients = {name: {cleft.patient_id(p) for p, _ in splits[name]} for name in splits}
+    patients = {name: {cleft.patient_of(p) for p, _ in splits[name]} for name in splits}
     assert not patients["train"] & patients["val"]  # split by patient
     assert not patients["test"] & (
         patients["train"] | patients["val"]
@@ -112,7 +112,7 @@ def test_chexpert_splits(demo_root):
     assert len(splits["test"]) == 50 and sorted({c for _, c in splits["test"]}) == [0, 1, 2, 3, 4]
     frontal = [r for r in rows if r["Frontal/Lateral"] == "Frontal"]
     kept = len(splits["train"]) + len(splits["val"])
-    assert kept == sum(cleft.patient_id(r["Path"]) not in patients["test"] for r in frontal)
+    assert kept == sum(cleft.patient_of(r["Path"]) not in patients["test"] for r in frontal)
     assert (
         0.02 < len(patients["val"]) / (len(patients["train"]) + len(patients["val"])) < 0.08
     )  # about 5%

@@ -16,7 +16,9 @@ from PIL import Image
 
 import cleft
 import evaluate
+import mammography
 import prompt_tune
+import tables
 from checkpoints import save_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,9 +129,9 @@ def test_build_5x200_writes_the_rule_and_excludes_its_patients(tmp_path):
     )
     assert all(r["Frontal/Lateral"] == "Frontal" and "-1.0" not in r.values() for r in built)
     assert len(data.splits["test"]) == 1000
-    test_patients = {cleft.patient_id(p) for p, _ in data.splits["test"]}
+    test_patients = {cleft.patient_of(p) for p, _ in data.splits["test"]}
     assert not test_patients & {
-        cleft.patient_id(p) for p, _ in data.splits["train"] + data.splits["val"]
+        cleft.patient_of(p) for p, _ in data.splits["train"] + data.splits["val"]
     }
     # linear probe / fine-tune train on rows positive for exactly one of the five (not the stricter
     # 5x200 rule):
@@ -306,19 +308,19 @@ def embed_tables(root, patients):
 
 def test_embed_reader(tmp_path):
     embed_tables(tmp_path, 30)
-    parts = evaluate.embed_records(tmp_path)
+    parts = mammography.embed_records(tmp_path)
     records = [r for part in parts.values() for r in part]
     assert len(records) == 45  # 15 patients with both sides (B) + 15 with the left only; no C-view
     assert {"image": str(tmp_path / "png/3L.png"), "patient": "e3", "birads": "M",
             "density": "4"} in records
     assert sum("density" in r for r in records) == 45 - 9  # density 5 (male) left out
-    assert evaluate.BIRADS["B"] == "birads score 2: benign finding"  # the public code's wording
-    assert evaluate.DENSITY["1"] == "breast tissue density 1: almost entirely fat"
+    assert mammography.BIRADS["B"] == "birads score 2: benign finding"  # the public code's wording
+    assert mammography.DENSITY["1"] == "breast tissue density 1: almost entirely fat"
 
 
 def test_embed_split_balanced_test_sets_and_export(tmp_path):
     embed_tables(tmp_path, 10000)
-    parts = evaluate.embed_records(tmp_path)
+    parts = mammography.embed_records(tmp_path)
     patients = {name: {r["patient"] for r in part} for name, part in parts.items()}
     assert [round(len(patients[n]) / 10000, 2) for n in ("train", "val", "rest")] == [0.7, 0.1, 0.2]
     assert not (patients["train"] & patients["val"] or patients["rest"] & (patients["train"]
@@ -480,8 +482,8 @@ def test_an_auc_with_a_class_absent_from_the_test_set_is_n_a(recwarn):
     assert result["auc"] is None and result["auc_undefined"] == "no test image of ['pneumonia']"
     report = {"dataset": "csv", "checkpoint": "run/best", "prompt": None, "data_pct": 1.0,
               "seeds": [0], "results": {"zeroshot": result, "linear": result}}
-    table = evaluate.markdown_table(report).splitlines()
-    assert table[3].split(" | ")[2:5] == ["n/a", evaluate.cell(result, "acc"), "n/a"]
+    table = tables.markdown_table(report).splitlines()
+    assert table[3].split(" | ")[2:5] == ["n/a", tables.cell(result, "acc"), "n/a"]
     assert table[4:] == ["n/a: AUC is undefined, no test image of ['pneumonia']"]
     # every class present, but some resamples of 4 images hold one class alone: still no warning
     three = np.random.default_rng(0).dirichlet([1, 1, 1], size=4).astype(np.float32)

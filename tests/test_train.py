@@ -59,7 +59,7 @@ def test_demo_run_writes_checkpoints_and_metrics(demo_folder, tmp_path):
     for name in ("best", "last"):
         files = {p.name for p in (out / name).iterdir()}
         assert files == {"config.json", "model.safetensors", "adapter", "state.pt",
-                         "manifest.json"}
+                         "split.safetensors", "manifest.json"}
     assert json.loads((out / "last" / "config.json").read_text())["max_steps"] == 6
     state = torch.load(out / "last" / "state.pt", weights_only=True)
     assert state["step"] == 6 and state["best_val_loss"] == min(r["val_loss"] for r in evaluations)
