@@ -15,7 +15,8 @@ from cleft import CLEFT, ImageTower, die, load_pretrained
 from dry_run import architecture
 
 # OpenAI CLIP's pixel statistics: its images are normalised with these, not ImageNet's
-CLIP_STATISTICS = {"mean": [0.4815, 0.4578, 0.4082], "std": [0.2686, 0.2613, 0.2758]}
+CLIP_STATISTICS = {"mean": [0.48145466, 0.4578275, 0.40821073],
+                   "std": [0.26862954, 0.26130258, 0.27577711]}
 
 class ClipImageTower(nn.Module):
     """CLIP's vision transformer; the image feature is its pooled output, the class token after

@@ -142,8 +142,9 @@ TINY = {  # folder name -> (transformers model type, config)
                                    mlp_ratio=2, image_size=112, patch_size=14)),
     "tiny-bert": ("bert", dict(vocab_size=260, hidden_size=64, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=128, pad_token_id=259)),
-    # the CLIP-ViT baseline row: CLIP's two towers, pooled at the end-of-text token (id 256)
-    "tiny-clip": ("clip", dict(projection_dim=32, text_config=dict(
+    # the CLIP-ViT baseline row: two towers, pooled at the end-of-text token (id 256), and the
+    # temperature 1/100 of a trained CLIP
+    "tiny-clip": ("clip", dict(projection_dim=32, logit_scale_init_value=4.6052, text_config=dict(
         vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=256, bos_token_id=256, eos_token_id=256,
         pad_token_id=256), vision_config=dict(hidden_size=96, intermediate_size=192,

@@ -44,8 +44,9 @@ def test_clip_row_scores_with_clip_s_own_towers_projections_and_temperature(tiny
         assert torch.allclose(model.encode_text(prompts), F.normalize(expected_text, dim=-1),
                               atol=1e-6)
         image = load_image(str(next(demo_root.rglob("*.jpg"))), 112)[None]  # (1, 1, 112, 112)
-        mean = torch.tensor(baselines.CLIP_STATISTICS["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(baselines.CLIP_STATISTICS["std"]).view(1, 3, 1, 1)
+        # OpenAI CLIP's pixel mean and std (its image processor's), not ImageNet's
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
         pixels = (image.expand(-1, 3, -1, -1) - mean) / std
         expected_image = clip.get_image_features(pixel_values=pixels).pooler_output
         assert torch.allclose(model.encode_image(image), F.normalize(expected_image, dim=-1),

@@ -102,6 +102,19 @@ def test_stage_2_validates_on_stage_1s_validation_patients(demo_root, stage1_ckp
     assert splits["test"] == drawn_here["test"]
 
 
+def test_patients_stage_1_never_saw_train_in_stage_2(stage1_ckpt):
+    """Only stage 1's held-out patients validate: a patient new to stage 1 (more data since) trains,
+    whichever part it came in."""
+    stage1 = cleft.load_splits(cleft.load_config(stage1_ckpt))
+    new = [("train/patient99998/study1/view1_frontal.jpg", 0),
+           ("train/patient99999/study1/view1_frontal.jpg", 1)]
+    given = {"train": [(image, 0) for image, _ in stage1["train"][:5]] + new[:1],
+             "val": [(image, 0) for image, _ in stage1["val"][:5]] + new[1:], "test": []}
+    split = held_out.stage_1_split(given, stage1_ckpt)
+    assert split["val"] == given["val"][:5]
+    assert split["train"] == given["train"] + new[1:]
+
+
 def test_a_checkpoint_without_the_record_keeps_the_split_drawn_here(demo_root, stage1_ckpt,
                                                                     tmp_path, capsys):
     old = tmp_path / "old"

@@ -46,7 +46,9 @@ def reports(tmp_path):
                           {"linear": result(30.0, 27.0, 33.0)})
     tenth = write_report(tmp_path / "d.json", "chexpert5x200", "CLEFT", "runs/x/best",
                          {"linear": result(55.0, 50.0, 60.0)}, data_pct=0.1)
-    return [cleft_chexpert, cleft_rsna, random, tenth]
+    other = write_report(tmp_path / "f.json", "rsna", "Other-ViT", "mine",
+                         {"linear": result(50.0, 45.0, 55.0)})  # a row the paper does not have
+    return [other, cleft_chexpert, cleft_rsna, random, tenth]
 
 
 def test_each_number_in_its_cell_beside_the_paper_s(reports):
@@ -68,7 +70,9 @@ def test_each_number_in_its_cell_beside_the_paper_s(reports):
     tenth = rows[("CLEFT, 10% of the data", "runs/x/best")]
     assert tenth["CheXpert-5x200 LP-Acc"] == "55.00 (50.00-60.00) vs -"  # the paper's are 100%
     methods = [method for method, _ in rows]  # the paper's order, then rows it does not have
-    assert methods == ["Random-ViT", "ImageNet-ViT", "CLIP-ViT", "CLEFT", "CLEFT, 10% of the data"]
+    assert methods == ["Random-ViT", "ImageNet-ViT", "CLIP-ViT", "CLEFT", "CLEFT, 10% of the data",
+                       "Other-ViT"]
+    assert rows[("Other-ViT", "mine")]["RSNA LP-Acc"] == "50.00 (45.00-55.00) vs -"
     assert "Table 2" not in text  # no EMBED results given
 
 
@@ -100,7 +104,7 @@ def test_mistakes_end_in_one_line(tmp_path, reports):
                          {"linear": result(1.0, 0.0, 2.0)})
     other = write_report(tmp_path / "csv.json", "csv", "CLEFT", "runs/x/best", {})
     for paths, message in [([tmp_path / "not.json"], "is not a results file"),
-                           ([reports[0], twice], "two results files"),
+                           ([reports[1], twice], "two results files"),
                            ([other], "none of the 1 results files")]:
         with pytest.raises(SystemExit) as stop:
             tables.comparison(paths)
