@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoTokenizer
 from cleft import CLEFT, ImageTower, die, load_pretrained
 from dry_run import architecture
 
+TOWERS = ["dinov2", "dinov2_with_registers", "clip"]  # the model types a baseline row takes
 # OpenAI CLIP's pixel statistics: its images are normalised with these, not ImageNet's
 CLIP_STATISTICS = {"mean": [0.48145466, 0.4578275, 0.40821073],
                    "std": [0.26862954, 0.26130258, 0.27577711]}
@@ -72,25 +73,33 @@ class ImageOnly(nn.Module):
         self.image_tower = image_tower
 
 def load_baseline(name, random_init=False, seed=0):
-    """(model, row): a CLIP checkpoint is the CLIP-ViT row; another image model (hub id or folder)
-    the ImageNet-ViT row, as CLEFT's image tower (DINOv2: the mean of the last block's tokens,
-    no final norm); with random_init the Random-ViT row: that architecture, weights drawn with
-    `seed`."""
+    """(model, row): a CLIP checkpoint is the CLIP-ViT row; a DINOv2 model (hub id or folder) the
+    ImageNet-ViT row, as CLEFT's image tower (the mean of the last block's tokens, no final
+    norm); with random_init the Random-ViT row: that architecture, weights drawn with `seed`."""
     try:
         config = architecture(name)  # the paper's models: a stored copy, no hub request
     except (OSError, ValueError) as error:
         die(f"cannot read the configuration of '{name}' ({str(error).splitlines()[0]}): pass a "
             "hub id (once online, or unset HF_HUB_OFFLINE) or a local save_pretrained folder.")
+    if config.model_type not in TOWERS:
+        die(f"'{name}' is a {config.model_type} model: --vision-model takes a DINOv2 model (the "
+            "tower CLEFT trains, e.g. facebook/dinov2-base) or a CLIP checkpoint.")
     if config.model_type == "clip" and random_init:
         die("--random-init draws the image tower CLEFT trains (a DINOv2 architecture): pass one "
             "as --vision-model, e.g. facebook/dinov2-base.")
     if random_init:
         torch.manual_seed(seed)
-        return ImageOnly(ImageTower(AutoModel.from_config(config), False)), "Random-ViT"
+        vit = AutoModel.from_config(config)
+        return ImageOnly(ImageTower(vit, checkpointing=False)), "Random-ViT"
     try:
         model, _ = load_pretrained(name, "vision")
-    except OSError as error:
-        die(str(error) + ".")
-    if config.model_type == "clip":
-        return clip_as_cleft(model, AutoTokenizer.from_pretrained(name)), "CLIP-ViT"
-    return ImageOnly(ImageTower(model, False)), "ImageNet-ViT"
+    except OSError as error:  # its message says what to do
+        die(f"{error}.")
+    if config.model_type != "clip":
+        return ImageOnly(ImageTower(model, checkpointing=False)), "ImageNet-ViT"
+    try:  # CLIP's zero-shot needs its own tokenizer, saved beside the model
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        die(f"cannot load the tokenizer of '{name}' ({str(error).splitlines()[0]}): a CLIP folder "
+            "holds its tokenizer's files beside the model's (save both with save_pretrained).")
+    return clip_as_cleft(model, tokenizer), "CLIP-ViT"

@@ -2,7 +2,7 @@
 fine-tune, and data efficiency with 1%, 10% or 100% of the training split), plus image-text
 retrieval (its future work); or, without a checkpoint, the paper's baseline rows (baselines.py).
 Prints a Markdown table in the layout of the paper's Table 1 and writes results.json; --compare
-sets the paper's published values beside ours (tables.py).
+sets results in the paper's columns, beside its published values where entered (tables.py).
 
     python evaluate.py --ckpt RUN/best --prompt RUN/best/prompt.safetensors \\
         --data chexpert5x200 --data-root /data/chexpert --task all
@@ -77,12 +77,13 @@ class EvalConfig:
     seeds: str = arg("", "linear/finetune: comma-separated seeds, e.g. 0,1,2, each with its own "
                      "--data-pct subset: mean and sd over them")
     num_workers: int = arg(-1, "data-loading processes (-1: the CPU cores, less one)")
-    val_fraction: float = arg(0.05, "CheXpert, csv: share of patients held out (as stage 1)")
+    val_fraction: float = arg(0.05, "CheXpert, csv: share of patients held out, where --ckpt has "
+                              "no record of stage 1's")
     dtype: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
     out: str = arg("", "results file (default: CKPT/results_DATA.json; --compare: comparison.md)")
     export: str = arg("", "EMBED: also write the train/val captions and labels to this CSV")
     allow_overlap: bool = arg(False, "go on if test images are of patients stage 1 trained on")
-    compare: bool = arg(False, "print the paper's Table 1 or 2 beside the results files given")
+    compare: bool = arg(False, "the results files given in the paper's columns, beside its values")
     results: list = arg((), "--compare: results files written by evaluate.py")
 
 # --- Datasets: classes, their hand-written prompts, splits of (path, class), paired captions
@@ -225,8 +226,8 @@ def csv_data(cfg):
                      if r["split"] == name] for name in ("train", "val", "test")}
     pairs = [(str(root / r["image"]), r["text"]) for r in rows
              if r["split"] == "test" and r.get("text")]
-    prompts = [CAPTION_PREFIX + c.lower() for c in classes]  # a .json file: read in zero_shot
-    if cfg.prompts and not cfg.prompts.endswith(".json"):
+    prompts = [CAPTION_PREFIX + c.lower() for c in classes]  # a file: read in zero_shot
+    if cfg.prompts and not Path(cfg.prompts).is_file():
         prompts = [p.strip() for p in cfg.prompts.split(";")]
     if len(prompts) != len(classes):
         die(f"--prompts has {len(prompts)} entries for {len(classes)} classes: give one prompt "
@@ -271,7 +272,7 @@ def scores(runs, labels, classes):
     return {**accuracies, **summary("auc", np.stack([auc(p, labels, counts) for p in runs]))}
 
 def prompts_of(data, cfg):  # {class: [hand-written prompts]}: the data's one each, or a file's
-    if cfg.prompts.endswith(".json"):
+    if cfg.prompts and Path(cfg.prompts).is_file():
         return read_prompts(cfg.prompts, data.classes)
     return {name: [prompt] for name, prompt in zip(data.classes, data.prompts)}
 
@@ -282,11 +283,11 @@ def zero_shot(model, data, cfg, device, autocast):
     with autocast:  # (C, D)
         if cfg.prompt:  # the learned context; the classes are the data set's
             context, _ = load_prompt(cfg.prompt)
-            classes = class_features(model, data.class_texts, context)
+            text_features = class_features(model, data.class_texts, context)
         else:
-            classes = ensemble_features(model, list(prompts_of(data, cfg).values()))
+            text_features = ensemble_features(model, list(prompts_of(data, cfg).values()))
     image_features, labels = features_of(model, data.splits["test"], cfg, device, autocast)
-    probabilities = zero_shot_probabilities(model, image_features, classes).cpu().numpy()
+    probabilities = zero_shot_probabilities(model, image_features, text_features).cpu().numpy()
     return scores([probabilities], labels, data.classes)
 
 def fit(module, batch_loss, val_loss, cfg, desc):
@@ -387,15 +388,20 @@ def retrieval(model, data, cfg, device, autocast):
             results.update(summary(f"{direction}_{name}", values[None]))
     return results
 
-def results_file(cfg, row):  # CKPT/results_DATA.json; a baseline's: runs/baselines/ROW_DATA.json
+def results_file(cfg, row):
+    """CKPT/results_DATA.json, a baseline's runs/baselines/ROW_DATA.json; _PCT before .json for
+    --data-pct below 1, so the data-efficiency runs keep the 100% one."""
+    share = "" if cfg.data_pct == 1 else f"_{cfg.data_pct:g}"
     if cfg.out:
         return Path(cfg.out)
     if cfg.ckpt:
-        return Path(cfg.ckpt) / f"results_{cfg.data}.json"
-    return Path("runs", "baselines", f"{row.lower()}_{cfg.data}.json")
+        return Path(cfg.ckpt) / f"results_{cfg.data}{share}.json"
+    return Path("runs", "baselines", f"{row.lower()}_{cfg.data}{share}.json")
 
 def main(argv=None):
     cfg = parse_config(argv, EvalConfig, __doc__)
+    if cfg.results and not cfg.compare:
+        die(f"{cfg.results[0]} is given without --compare: add --compare, or drop the file.")
     if cfg.compare:  # the paper's published values beside results files already written
         table = comparison(cfg.results)
         out = Path(cfg.out or "comparison.md")
@@ -410,6 +416,9 @@ def main(argv=None):
     if cfg.prompt and not Path(cfg.prompt).is_file():
         die(f"no prompt file at {cfg.prompt}: run prompt_tune.py first, or drop --prompt to use "
             "the hand-written prompts.")
+    if cfg.prompts and not Path(cfg.prompts).is_file() and cfg.data != "csv":
+        die(f"no --prompts file at {cfg.prompts}: give a JSON file of class -> list of prompts "
+            "(prompts separated by ';' are --data csv's).")
     if cfg.prompt and (cfg.vision_model or cfg.prompts):
         die("--prompt is a CLEFT checkpoint's learned context: it takes no --vision-model and no "
             "--prompts (hand-written ones); drop one.")
@@ -435,8 +444,10 @@ def main(argv=None):
             die(f"the {name} split of {cfg.data} is empty: check --data-root.")
     if not data.classes and cfg.task not in ("all", "retrieval"):
         die(f"--data {cfg.data} has reports and no labels: only --task retrieval applies to it.")
-    if cfg.ckpt:
-        model, row = load_model(cfg.ckpt), "CLEFT"
+    if cfg.ckpt:  # the paper's CLEFT row is LoRA's; another adapter is a row of its own
+        model = load_model(cfg.ckpt)
+        adapter = load_config(cfg.ckpt).peft
+        row = "CLEFT" if adapter == "lora" else f"CLEFT ({adapter})"
         source = cfg.ckpt
     else:  # a baseline row: Random-ViT, ImageNet-ViT or CLIP-ViT
         model, row = load_baseline(cfg.vision_model, cfg.random_init, cfg.seed)
@@ -473,7 +484,8 @@ def main(argv=None):
     counts = {"train": len(train), "val": len(data.splits["val"]),
               "test": len(data.splits["test"]), "pairs": len(data.pairs)}
     report = {"dataset": cfg.data, "model": {"row": row, "source": source},
-              "checkpoint": cfg.ckpt or None, "prompt": cfg.prompt or None, "prompts": prompts,
+              "checkpoint": cfg.ckpt or None, "prompt": cfg.prompt or None,
+              "prompts": prompts if "zeroshot" in results else None,  # those zero-shot used
               "test_images_trained_on": overlap,
               "data_pct": cfg.data_pct, "seeds": seeds, "n_images": counts, "results": results,
               "config": asdict(cfg)}

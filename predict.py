@@ -31,7 +31,8 @@ class PredictConfig:
     ckpt: str = arg("", "stage-1 checkpoint folder, e.g. runs/cleft/best (required)")
     prompt: str = arg("", "stage-2 context file: its learned prompt and its classes")
     classes: str = arg(",".join(FIVE_CLASSES), "comma-separated class names")
-    prompts: str = arg("", "JSON file of class -> list of prompts (an ensemble; its classes)")
+    prompts: str = arg("", "JSON file of class -> list of prompts (an ensemble; its classes, not "
+                       "--classes)")
     multi_label: bool = arg(False, "each class against 'no <class>' on its own, not one of all")
     out: str = arg("", "CSV to write: image, prediction, one probability column per class")
     heatmap: str = arg("", "folder for each image's exact score maps (.npz) and overlay (.png)")

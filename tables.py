@@ -1,7 +1,8 @@
 """Results as tables: evaluate.py's Markdown rows in the layout of the paper's Table 1, and the
-comparison `evaluate.py --compare` prints: the paper's Table 1 or 2 with its published value beside
-ours in each cell, our 95% interval, and a mark where the paper's value lies outside it. The
-paper's values are data, each with its source: paper_tables.json.
+comparison `evaluate.py --compare` prints: our rows in the columns of the paper's Table 1 or 2,
+each cell ours with its 95% interval beside the paper's published value where paper_tables.json
+holds one (each with its table, row and column; so far Table 1's CLEFT row), and a mark where the
+paper's value lies outside our interval.
 
     python evaluate.py --compare runs/cleft/best/results_chexpert.json runs/baselines/*.json
 """
@@ -19,8 +20,10 @@ COLUMNS = {"ZS-Acc": ("zeroshot", "acc"), "LP-Acc": ("linear", "acc"),
            "LP-AUC": ("linear", "auc"), "FT-Acc": ("finetune", "acc"),
            "FT-AUC": ("finetune", "auc")}
 SAME_TEST_SET = {"chexpert": "chexpert5x200"}  # evaluate.py's two names for CheXpert-5x200
-# a row of ours: the paper's row name, the model it was measured on, the share of training data
-Run = namedtuple("Run", ["row", "source", "data_pct"])
+# a row of ours: the paper's row name, the model it was measured on, the zero-shot prompt (learned,
+# an ensemble, or '' for the hand-written one), the share of training data
+Run = namedtuple("Run", ["row", "source", "prompt", "data_pct"])
+KEYS = ["dataset", "data_pct", "results", "prompt"]  # what every results file has
 
 def cell(results, key):  # '66.74 (63.80-69.60)', the sd after the value with several seeds
     if not results:
@@ -33,14 +36,16 @@ def cell(results, key):  # '66.74 (63.80-69.60)', the sd after the value with se
 
 def row_of(report):  # a results file's Run (files of older versions: a CLEFT checkpoint's)
     model = report.get("model") or {"row": "CLEFT", "source": report["checkpoint"]}
-    return Run(model["row"], model["source"], report["data_pct"])
+    several = any(len(p) > 1 for p in (report.get("prompts") or {}).values())
+    prompt = "learned prompt" if report["prompt"] else "prompt ensemble" if several else ""
+    return Run(model["row"], model["source"], prompt, report["data_pct"])
 
 def model_name(report):  # 'CLEFT (best, learned prompt)', 'ImageNet-ViT (facebook/dinov2-base)'
     run = row_of(report)
-    if run.row != "CLEFT":
-        return f"{run.row} ({run.source})"
-    prompt = ", learned prompt" if report["prompt"] else ""
-    return f"CLEFT ({Path(run.source).parent.name}{prompt})"
+    prompt = f", {run.prompt}" if run.prompt else ""
+    if not run.row.startswith("CLEFT"):
+        return f"{run.row} ({run.source}{prompt})"
+    return f"{run.row} ({Path(run.source).parent.name}{prompt})"
 
 def markdown_table(report):
     """The table evaluate.py prints: one row, Table 1's columns with the AUC of zero-shot too."""
@@ -67,8 +72,8 @@ def versus(results, key, published):
     """'ours (interval) vs paper', with † where the paper's value lies outside our interval as
     the table shows it (rounded to two decimals)."""
     ours = cell(results, key)
-    if published is None:
-        return f"{ours} vs -"
+    if published is None:  # none entered in paper_tables.json
+        return f"{ours} vs n.e."
     mark = ""
     if results and results.get(key) is not None:
         low, high = (round(bound, 2) for bound in results[f"{key}_ci95"])
@@ -76,18 +81,20 @@ def versus(results, key, published):
     return f"{ours} vs {published:.2f}{mark}"
 
 def read_report(path):
+    """A results file of evaluate.py, its dataset under one name; one line if it is not one."""
     try:
         report = json.loads(Path(path).read_text())
-        report["dataset"] = SAME_TEST_SET.get(report["dataset"], report["dataset"])
-        row_of(report)  # the keys a results file has
-        return report
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        die(f"{path} is not a results file of evaluate.py ({type(error).__name__}: {error}): pass "
-            "the results_*.json files it wrote.")
+    except (OSError, ValueError) as error:
+        die(f"cannot read {path} ({error}): pass the results_*.json files evaluate.py wrote.")
+    if not isinstance(report, dict) or [key for key in KEYS if key not in report]:
+        die(f"{path} is not a results file of evaluate.py (it lacks {KEYS}): pass the "
+            "results_*.json files it wrote.")
+    report["dataset"] = SAME_TEST_SET.get(report["dataset"], report["dataset"])
+    return report
 
 def comparison_table(number, table, reports):
-    """Table `number` of the paper: a row per model of ours (the paper's rows first, in its order,
-    with or without results of ours), the paper's value beside ours in every cell."""
+    """Table `number`'s columns: a row per model of ours (the paper's rows first, in its order,
+    with or without results of ours), the paper's value beside ours where one is entered."""
     published = {(v["row"], v["dataset"], v["column"]): v["value"] for v in table["values"]}
     ours = {}  # Run -> {dataset: results}
     for report in reports:
@@ -96,14 +103,16 @@ def comparison_table(number, table, reports):
             die(f"two results files for {model_name(report)} on {report['dataset']} at "
                 f"{report['data_pct']:.0%} of the data: pass one of them.")
         results[report["dataset"]] = report["results"]
-    order = lambda run: (run.row, run.source, -run.data_pct)  # 100% of the data first
+    def order(run):  # 100% of the data first
+        return run.row, run.source, run.prompt, -run.data_pct
     rows = []
     for name in table["rows"]:  # the paper's rows; one with no results of ours stays, empty
-        rows += sorted((run for run in ours if run.row == name), key=order) or [Run(name, "", 1)]
+        measured = sorted((run for run in ours if run.row == name), key=order)
+        rows += measured if measured else [Run(name, "", "", 1)]
     rows += sorted((run for run in ours if run.row not in table["rows"]), key=order)
     header = [f"{title} {column}" for title in table["datasets"].values()
               for column in table["columns"]]
-    lines = [f"Table {number} of the paper: {table['caption']}", "",
+    lines = [f"In the columns of the paper's Table {number}: {table['caption']}", "",
              "| Method | Model | " + " | ".join(header) + " |",
              "|---|---|" + "---|" * len(header)]
     for run in rows:
@@ -115,11 +124,14 @@ def comparison_table(number, table, reports):
                 paper = published.get((run.row, dataset, column)) if run.data_pct == 1 else None
                 cells.append(versus(results.get(dataset, {}).get(task), metric, paper))
         share = "" if run.data_pct == 1 else f", {run.data_pct:.0%} of the data"
-        lines.append(f"| {run.row}{share} | {run.source or '-'} | " + " | ".join(cells) + " |")
+        model = ", ".join(part for part in (run.source, run.prompt) if part) or "-"
+        lines.append(f"| {run.row}{share} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 def comparison(paths, paper=PAPER):
     """The Markdown of each of the paper's tables that a results file in `paths` belongs to."""
+    if not paths:
+        die("--compare takes the results files evaluate.py wrote: pass one or more.")
     reports = [read_report(path) for path in paths]
     tables = json.loads(Path(paper).read_text())["tables"]
     parts = []
@@ -129,8 +141,8 @@ def comparison(paths, paper=PAPER):
     if not parts:
         die(f"none of the {len(reports)} results files is on a dataset of the paper's Tables 1 "
             "and 2 (chexpert5x200, rsna, embed-birads, embed-density): pass those.")
-    legend = ("Each cell: ours, with its 95% bootstrap interval, vs the paper's published value; "
-              "† the paper's value lies outside our interval; - not measured, or no published "
-              f"value entered in {Path(paper).name} (each value there names its table, row and "
-              "column).")
+    legend = ("Each cell: ours, with its 95% bootstrap interval (- not measured), vs the paper's "
+              f"published value as {Path(paper).name} holds it, with its table, row and column "
+              "(n.e.: none entered there); † the paper's value lies outside our interval. A CLEFT "
+              "run is set beside the paper's CLEFT (LoRA) values whatever data it was trained on.")
     return "\n\n".join(parts + [legend])

@@ -2,6 +2,7 @@
 uses it), Random-ViT (its architecture, seeded random weights) and CLIP-ViT (a saved CLIP with its
 own text tower, so zero-shot too), each run through evaluate.py on the demo data."""
 
+import dataclasses
 import json
 
 import pytest
@@ -127,6 +128,7 @@ def test_image_tower_rows_run_linear_probe_and_fine_tune(demo_folder, demo_root,
     (["--vision-model", "tiny-dinov2", "--task", "zeroshot"], "--task linear or finetune"),
     (["--vision-model", "no/such-model"], "HF_HUB_OFFLINE"),
     (["--vision-model", "tiny-clip", "--random-init"], "--random-init draws"),
+    (["--vision-model", "tiny-gpt2"], "is a gpt2 model: --vision-model takes a DINOv2 model"),
 ])
 def test_baseline_mistakes_end_in_one_line(flags, message, demo_folder, demo_root, tiny_clip,
                                            tmp_path, monkeypatch):
@@ -136,3 +138,14 @@ def test_baseline_mistakes_end_in_one_line(flags, message, demo_folder, demo_roo
         evaluate.main(["--data-root", str(demo_root), "--num-workers", "0",
                        "--out", str(tmp_path / "r.json"), *flags])
     assert message in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_each_share_of_the_data_keeps_its_own_results_file():
+    """The data-efficiency runs (--data-pct 0.01, 0.1) do not overwrite the 100% one."""
+    run = evaluate.EvalConfig(ckpt="runs/x/best", data="rsna")
+    baseline = evaluate.EvalConfig(vision_model="facebook/dinov2-base", data="rsna", data_pct=0.1)
+    assert str(evaluate.results_file(run, "CLEFT")) == "runs/x/best/results_rsna.json"
+    assert str(evaluate.results_file(dataclasses.replace(run, data_pct=0.01), "CLEFT")) == (
+        "runs/x/best/results_rsna_0.01.json")
+    assert str(evaluate.results_file(baseline, "ImageNet-ViT")) == (
+        "runs/baselines/imagenet-vit_rsna_0.1.json")

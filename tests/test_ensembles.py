@@ -58,10 +58,12 @@ def test_one_prompt_per_class_gives_today_s_numbers_exactly(stage1_ckpt, demo_ro
     ({"Edema": ["x"]}, "give each class its prompts"),
     ({"Edema": []}, "is not a JSON object of class -> list of prompts"),
     ("not json", "cannot read --prompts"),
+    (None, "no --prompts file at"),  # ';'-separated prompts are --data csv's
 ])
 def test_a_wrong_prompts_file_is_one_line(content, message, stage1_ckpt, demo_root, tmp_path):
     file = tmp_path / "prompts.json"
-    file.write_text(content if isinstance(content, str) else json.dumps(content))
+    if content is not None:
+        file.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(SystemExit) as stop:
         evaluate_zero_shot(stage1_ckpt, demo_root, tmp_path, "--prompts", file)
     assert message in str(stop.value) and "\n" not in str(stop.value)

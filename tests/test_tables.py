@@ -53,7 +53,7 @@ def reports(tmp_path):
 
 def test_each_number_in_its_cell_beside_the_paper_s(reports):
     text = tables.comparison(reports)
-    assert text.startswith("Table 1 of the paper: CheXpert-5x200 and RSNA")
+    assert text.startswith("In the columns of the paper's Table 1: CheXpert-5x200 and RSNA")
     rows = parse(text)
     ours = rows[("CLEFT", "runs/x/best")]
     assert ours["CheXpert-5x200 ZS-Acc"] == "61.00 (58.00-64.00) vs 66.74 †"
@@ -64,16 +64,36 @@ def test_each_number_in_its_cell_beside_the_paper_s(reports):
     assert ours["RSNA ZS-Acc"] == "65.00 (62.00-68.00) vs 64.93"
     assert ours["RSNA LP-Acc"] == "- vs 79.40"  # not measured: the paper's value alone
     random = rows[("Random-ViT", "facebook/dinov2-base, random weights (seed 0)")]
-    assert random["CheXpert-5x200 LP-Acc"] == "30.00 (27.00-33.00) vs -"  # no value entered
-    assert random["CheXpert-5x200 ZS-Acc"] == "- vs -"
-    assert rows[("ImageNet-ViT", "-")]["RSNA FT-AUC"] == "- vs -"  # the paper's row, ours absent
+    assert random["CheXpert-5x200 LP-Acc"] == "30.00 (27.00-33.00) vs n.e."  # no value entered
+    assert random["CheXpert-5x200 ZS-Acc"] == "- vs n.e."
+    assert rows[("ImageNet-ViT", "-")]["RSNA FT-AUC"] == "- vs n.e."  # the paper's row, ours absent
     tenth = rows[("CLEFT, 10% of the data", "runs/x/best")]
-    assert tenth["CheXpert-5x200 LP-Acc"] == "55.00 (50.00-60.00) vs -"  # the paper's are 100%
+    assert tenth["CheXpert-5x200 LP-Acc"] == "55.00 (50.00-60.00) vs n.e."  # the paper's are 100%
     methods = [method for method, _ in rows]  # the paper's order, then rows it does not have
     assert methods == ["Random-ViT", "ImageNet-ViT", "CLIP-ViT", "CLEFT", "CLEFT, 10% of the data",
                        "Other-ViT"]
-    assert rows[("Other-ViT", "mine")]["RSNA LP-Acc"] == "50.00 (45.00-55.00) vs -"
+    assert rows[("Other-ViT", "mine")]["RSNA LP-Acc"] == "50.00 (45.00-55.00) vs n.e."
     assert "Table 2" not in text  # no EMBED results given
+
+
+def test_each_zero_shot_prompt_is_a_row_of_its_own(tmp_path):
+    """The same checkpoint with the hand-written, a learned and an ensemble prompt: three rows,
+    each saying which, each beside the paper's CLEFT values."""
+    files = []
+    for name, prompt, prompts in [("a", None, {"Edema": ["x"]}), ("b", "p.safetensors", None),
+                                  ("c", None, {"Edema": ["x", "y"]})]:
+        path = write_report(tmp_path / f"{name}.json", "chexpert", "CLEFT", "runs/x/best",
+                            {"zeroshot": result(60.0 + len(files), 50.0, 70.0)})
+        report = json.loads(path.read_text())
+        path.write_text(json.dumps({**report, "prompt": prompt, "prompts": prompts}))
+        files.append(path)
+    rows = parse(tables.comparison(files))
+    assert rows[("CLEFT", "runs/x/best")]["CheXpert-5x200 ZS-Acc"] == (
+        "60.00 (50.00-70.00) vs 66.74")
+    assert rows[("CLEFT", "runs/x/best, learned prompt")]["CheXpert-5x200 ZS-Acc"] == (
+        "61.00 (50.00-70.00) vs 66.74")
+    assert rows[("CLEFT", "runs/x/best, prompt ensemble")]["CheXpert-5x200 ZS-Acc"] == (
+        "62.00 (50.00-70.00) vs 66.74")
 
 
 def test_the_paper_s_values_are_data_with_their_source():
@@ -92,9 +112,9 @@ def test_table_2_from_embed_results_and_the_command(tmp_path, capsys):
     out = tmp_path / "comparison.md"
     evaluate.main(["--compare", str(birads), "--out", str(out)])
     written = out.read_text()
-    assert written.startswith("Table 2 of the paper: EMBED BI-RADS and density")
+    assert written.startswith("In the columns of the paper's Table 2: EMBED BI-RADS and density")
     assert parse(written)[("ImageNet-ViT", "dino")]["EMBED BI-RADS LP-Acc"] == (
-        "40.00 (35.00-45.00) vs -")
+        "40.00 (35.00-45.00) vs n.e.")
     assert written.strip() in capsys.readouterr().out
 
 
@@ -105,7 +125,14 @@ def test_mistakes_end_in_one_line(tmp_path, reports):
     other = write_report(tmp_path / "csv.json", "csv", "CLEFT", "runs/x/best", {})
     for paths, message in [([tmp_path / "not.json"], "is not a results file"),
                            ([reports[1], twice], "two results files"),
-                           ([other], "none of the 1 results files")]:
+                           ([other], "none of the 1 results files"),
+                           ([], "pass one or more")]:
         with pytest.raises(SystemExit) as stop:
             tables.comparison(paths)
         assert message in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_results_files_without_compare_are_one_line(reports):
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--data-root", "x", str(reports[0])])
+    assert "add --compare" in str(stop.value) and "\n" not in str(stop.value)
