@@ -36,8 +36,11 @@ def cell(results, key):  # '66.74 (63.80-69.60)', the sd after the value with se
 
 def row_of(report):  # a results file's Run (files of older versions: a CLEFT checkpoint's)
     model = report.get("model") or {"row": "CLEFT", "source": report["checkpoint"]}
-    several = any(len(p) > 1 for p in (report.get("prompts") or {}).values())
-    prompt = "learned prompt" if report["prompt"] else "prompt ensemble" if several else ""
+    prompt = ""  # the hand-written one, or no zero-shot
+    if report["prompt"]:
+        prompt = "learned prompt"
+    elif any(len(prompts) > 1 for prompts in (report.get("prompts") or {}).values()):
+        prompt = "prompt ensemble"
     return Run(model["row"], model["source"], prompt, report["data_pct"])
 
 def model_name(report):  # 'CLEFT (best, learned prompt)', 'ImageNet-ViT (facebook/dinov2-base)'
