@@ -29,6 +29,11 @@ def warn(message):  # one line on stderr, from rank 0 (or a plain python process
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def note(message):  # one line on stdout, from rank 0 (or a plain python process)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", flush=True)
+
+
 def read_csv(path, columns, flag="--data-root"):
     """Rows of a CSV as dicts, after checking that it is a file with the columns we need; `flag`
     is the option that named it, for the error line."""
@@ -55,9 +60,10 @@ def read_prompts(path, classes=None):
         prompts = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         die(f"cannot read --prompts {path} ({error}): give a JSON file of class -> prompts.")
-    texts = lambda p: isinstance(p, list) and p and all(isinstance(t, str) for t in p)
-    if not isinstance(prompts, dict) or not all(isinstance(p, str) or texts(p)
-                                                for p in prompts.values()):
+    def is_prompts(value):  # one prompt, or a list of one or more
+        listed = isinstance(value, list) and len(value) > 0
+        return isinstance(value, str) or (listed and all(isinstance(t, str) for t in value))
+    if not isinstance(prompts, dict) or not all(map(is_prompts, prompts.values())):
         die(f"--prompts {path} is not a JSON object of class -> list of prompts (strings, one at "
             'least): write it as {"Edema": ["... with edema", "... with pulmonary edema"], ...}.')
     prompts = {name: [p] if isinstance(p, str) else p for name, p in prompts.items()}

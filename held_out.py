@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoints import SPLIT_FILE, checkpoint_dir, read_saved, saved_folder
-from checks import die, warn
+from checks import die, note, warn
 
 # the folder of a patient in an image's path: the last one, nearest the file, if several match
 CHEXPERT_PATIENT = re.compile(r"patient\d+")  # CheXpert, CheXpert Plus: train/patient00001/...
@@ -72,11 +72,6 @@ def read_record(ckpt):
     if not path.exists():
         return None
     return read_saved(path, load_file)
-
-
-def note(message):  # one line on stdout, from rank 0 (or a plain python process)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"note: {message}", flush=True)
 
 
 def stage_1_split(splits, ckpt):
